@@ -1,0 +1,33 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# CPU machines get the pinned CPU wheel first, so the package's torch range installs nothing more.
+TORCH_PIN ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+
+.PHONY: venv install test test-slow demo lint clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifneq ($(HAS_GPU),1)
+	$(PIP) install -q $(TORCH_PIN)
+endif
+	$(PIP) install -q -e ".[dev,data]"
+	touch $@
+
+venv install: $(VENV)/.installed
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+test-slow: $(VENV)/.installed
+	RUN_SLOW=1 $(PY) -m pytest -q tests
+
+demo: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dpdm demo
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache build *.egg-info

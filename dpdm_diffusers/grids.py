@@ -1,0 +1,171 @@
+"""Regular lat/lon grids: coordinate conventions, validation, refinement and interpolation.
+
+Pure numpy/scipy (no file I/O). Interpolation uses :class:`scipy.interpolate.RegularGridInterpolator`
+(linear = bilinear, cubic = bicubic spline) after padding the coarse grid by two cells, wrapping in
+longitude on global grids and repeating the edge elsewhere, so every fine cell centre is inside the
+padded grid (a fine grid refined from a coarse one reaches half a coarse cell beyond its outer centres).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LAT_NAMES = ("lat", "latitude", "nav_lat", "rlat", "y")
+LON_NAMES = ("lon", "longitude", "nav_lon", "rlon", "x")
+INTERPOLATIONS = {"bilinear": "linear", "bicubic": "cubic"}
+
+
+def find_coord(obj, names, what: str) -> str:
+    """Name of the first of ``names`` that ``obj`` (xarray object) has as a dimension."""
+    for n in names:
+        if n in obj.dims:
+            return n
+    raise ValueError(f"No {what} dimension found: expected one of {names}, got dims {tuple(obj.dims)}.")
+
+
+def lat_lon_names(obj) -> tuple[str, str]:
+    return find_coord(obj, LAT_NAMES, "latitude"), find_coord(obj, LON_NAMES, "longitude")
+
+
+def check_regular(values, name: str, rtol: float = 1e-3) -> float:
+    """Check a 1-D coordinate is finite, strictly monotonic and evenly spaced; return its signed step."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.ndim != 1 or v.size < 2:
+        raise ValueError(f"Coordinate `{name}` must be 1-D with at least 2 points, got shape {v.shape}.")
+    if not np.all(np.isfinite(v)):
+        raise ValueError(f"Coordinate `{name}` contains NaN or inf.")
+    d = np.diff(v)
+    if np.any(d == 0):
+        dup = v[1:][d == 0][:3]
+        raise ValueError(f"Coordinate `{name}` has duplicated values, e.g. {dup.tolist()}.")
+    if not (np.all(d > 0) or np.all(d < 0)):
+        raise ValueError(f"Coordinate `{name}` is not monotonic (sort it first, e.g. `ds.sortby('{name}')`).")
+    step = float(np.median(d))
+    if np.max(np.abs(d - step)) > rtol * abs(step) + 1e-9:
+        raise ValueError(
+            f"Coordinate `{name}` is irregular (spacing {d.min():.6g} .. {d.max():.6g}); "
+            "regrid to a regular lat/lon grid first."
+        )
+    return step
+
+
+def is_global_lon(lon) -> bool:
+    """True when a regular longitude axis covers the full circle (so it is periodic)."""
+    lon = np.asarray(lon, dtype=np.float64)
+    step = abs(float(np.median(np.diff(lon))))
+    return bool(abs(step * lon.size - 360.0) < 0.5 * step)
+
+
+def refine(coord, factor: int) -> np.ndarray:
+    """Split each cell of a regular axis into ``factor`` cells; returns the fine cell centres."""
+    c = np.asarray(coord, dtype=np.float64)
+    step = float(np.median(np.diff(c)))
+    offsets = (np.arange(factor) + 0.5) / factor - 0.5
+    return (c[:, None] + offsets[None, :] * step).reshape(-1)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A regular lat/lon grid (cell centres, degrees). Either axis may be descending."""
+
+    lat: np.ndarray
+    lon: np.ndarray
+
+    def __post_init__(self):
+        object.__setattr__(self, "lat", np.asarray(self.lat, dtype=np.float64))
+        object.__setattr__(self, "lon", np.asarray(self.lon, dtype=np.float64))
+        check_regular(self.lat, "lat")
+        check_regular(self.lon, "lon")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.lat.size, self.lon.size
+
+    @property
+    def dlat(self) -> float:
+        return abs(float(np.median(np.diff(self.lat))))
+
+    @property
+    def dlon(self) -> float:
+        return abs(float(np.median(np.diff(self.lon))))
+
+    @property
+    def periodic(self) -> bool:
+        return is_global_lon(self.lon)
+
+    def refine(self, factor: int) -> "Grid":
+        return Grid(refine(self.lat, factor), refine(self.lon, factor))
+
+    def scale_factor_to(self, fine: "Grid") -> float:
+        """Ratio of this grid's spacing to ``fine``'s, checked to be the same in lat and lon."""
+        fy, fx = self.dlat / fine.dlat, self.dlon / fine.dlon
+        if abs(fy - fx) > 1e-3 * max(fy, fx):
+            raise ValueError(f"Grid refinement differs between lat ({fy:.4g}) and lon ({fx:.4g}).")
+        return fy
+
+    @classmethod
+    def from_xarray(cls, obj) -> "Grid":
+        la, lo = lat_lon_names(obj)
+        return cls(obj[la].values, obj[lo].values)
+
+
+def _unwrap_lon(target_lon: np.ndarray, src_lon: np.ndarray) -> np.ndarray:
+    """Shift target longitudes by multiples of 360 into the source's range (mixed conventions)."""
+    lo = src_lon.min()
+    return lo + np.mod(target_lon - lo, 360.0)
+
+
+def interpolate(values: np.ndarray, src: Grid, dst: Grid, method: str = "bilinear") -> np.ndarray:
+    """Interpolate ``values`` of shape ``(..., src.lat, src.lon)`` onto ``dst``.
+
+    ``method`` is ``"bilinear"`` or ``"bicubic"``. Longitude wraps on global source grids; outside the
+    source's cell centres values are held at the edge (never extrapolated). NaN propagates to every
+    target point whose stencil touches it.
+    """
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"Unknown interpolation {method!r}; expected one of {tuple(INTERPOLATIONS)}.")
+    from scipy.interpolate import RegularGridInterpolator
+
+    values = np.asarray(values)
+    if values.shape[-2:] != src.shape:
+        raise ValueError(f"Values of shape {values.shape} do not match the source grid {src.shape}.")
+    lat, lon = src.lat, src.lon
+    if lat[0] > lat[-1]:
+        lat, values = lat[::-1], values[..., ::-1, :]
+    if lon[0] > lon[-1]:
+        lon, values = lon[::-1], values[..., ::-1]
+    pad = 2
+    dlat, dlon = src.dlat, src.dlon
+    lat_p = np.concatenate([lat[0] - dlat * np.arange(pad, 0, -1), lat, lat[-1] + dlat * np.arange(1, pad + 1)])
+    lon_p = np.concatenate([lon[0] - dlon * np.arange(pad, 0, -1), lon, lon[-1] + dlon * np.arange(1, pad + 1)])
+    lon_mode = "wrap" if src.periodic else "edge"
+    width = [(0, 0)] * (values.ndim - 2)
+    v = np.pad(values, width + [(pad, pad), (0, 0)], mode="edge")
+    v = np.pad(v, width + [(0, 0), (pad, pad)], mode=lon_mode)
+
+    tlat = np.clip(dst.lat, lat[0], lat[-1])  # hold at the edge beyond the outer centres
+    tlon = _unwrap_lon(dst.lon, lon_p) if src.periodic else np.clip(dst.lon, lon[0], lon[-1])
+    if not src.periodic and (dst.lon.max() > lon[-1] + dlon or dst.lon.min() < lon[0] - dlon):
+        raise ValueError("Target longitudes extend beyond the low-res domain by more than one cell.")
+    if dst.lat.max() > lat[-1] + dlat or dst.lat.min() < lat[0] - dlat:
+        raise ValueError("Target latitudes extend beyond the low-res domain by more than one cell.")
+
+    # RegularGridInterpolator wants the grid axes first and batch axes last.
+    batch = v.shape[:-2]
+    v = np.moveaxis(v.reshape(-1, *v.shape[-2:]), 0, -1)
+    interp = RegularGridInterpolator((lat_p, lon_p), v, method=INTERPOLATIONS[method], bounds_error=True)
+    yy, xx = np.meshgrid(tlat, tlon, indexing="ij")
+    out = interp(np.stack([yy.ravel(), xx.ravel()], axis=-1))  # (H*W, B)
+    out = np.moveaxis(out, -1, 0).reshape(*batch, *dst.shape)
+    return out.astype(values.dtype, copy=False)
+
+
+def block_mean(values: np.ndarray, factor: int) -> np.ndarray:
+    """Coarsen ``(..., H, W)`` by the mean over ``factor x factor`` blocks (H, W divisible by factor)."""
+    h, w = values.shape[-2:]
+    if h % factor or w % factor:
+        raise ValueError(f"Grid {h}x{w} is not divisible by the coarsening factor {factor}.")
+    v = values.reshape(*values.shape[:-2], h // factor, factor, w // factor, factor)
+    return v.mean(axis=(-3, -1))

@@ -1,0 +1,70 @@
+"""Hub model cards for DownscalingPipeline folders.
+
+A card is YAML front matter (read by the Hub: library, tags, licence, datasets, base model) plus
+Markdown sections. Training fills in data, procedure and metrics; a bare pipeline still gets a card
+that says what the model expects (variables, units, grids, static fields).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import yaml
+
+DEFAULT_TAGS = ["diffusers", "climate", "downscaling", "super-resolution", "dpdm", "xarray"]
+
+
+def _config_table(config: Mapping[str, Any]) -> str:
+    rows = [
+        ("variables", ", ".join(f"{v} [{u}] ({t})" for v, u, t in zip(config["variables"], config["units"], config["transforms"]))),
+        ("static channels", ", ".join(config.get("static_channels") or []) or "none"),
+        ("scale factor", f"x{config['scale_factor']}"),
+        ("patch size", f"{config['patch_size']} px"),
+        ("prediction target", config["prediction"]),
+        ("low-res interpolation", config["interpolation"]),
+    ]
+    return "\n".join(["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+def render_model_card(
+    config: Mapping[str, Any],
+    *,
+    title: str = "DPDM downscaling model",
+    summary: str = "",
+    license: str = "apache-2.0",
+    datasets: list[str] | None = None,
+    base_model: str | None = None,
+    sections: Mapping[str, str] | None = None,
+    repo_id: str | None = None,
+) -> str:
+    """Render a model card (Markdown with Hub front matter) for a pipeline ``config``."""
+    meta: dict[str, Any] = {"library_name": "diffusers", "license": license, "tags": list(DEFAULT_TAGS)}
+    if datasets:
+        meta["datasets"] = list(datasets)
+    if base_model:
+        meta["base_model"] = base_model
+    meta["pipeline_tag"] = "image-to-image"
+    load_id = repo_id or "path/to/this/folder"
+    usage = f"""```python
+import torch
+from dpdm_diffusers import DownscalingPipeline
+
+pipe = DownscalingPipeline.from_pretrained("{load_id}")
+out = pipe(low_res,                      # xr.Dataset with {list(config['variables'])} in {list(config['units'])}
+           num_members=10, num_inference_steps=25,
+           generator=torch.Generator().manual_seed(0))
+out.mean, out.std, out.members           # xarray on the x{config['scale_factor']} grid
+```"""
+    parts = [
+        "---\n" + yaml.safe_dump(meta, sort_keys=False).strip() + "\n---",
+        f"# {title}",
+        summary.strip(),
+        "## How to use\n\nInstall `dpdm-diffusers` (`pip install dpdm-diffusers`), then:\n\n" + usage,
+        "## Model\n\nA conditional diffusion model (DPDM, Ling et al. 2024, doi:10.1038/s41612-024-00679-1) as a "
+        "diffusers `DownscalingPipeline`: `UNet2DModel` + scheduler, weights in safetensors.\n\n" + _config_table(config),
+    ]
+    if base_model:
+        parts.append(f"## Base model\n\nFine-tuned from `{base_model}`.")
+    for heading, body in (sections or {}).items():
+        parts.append(f"## {heading}\n\n{body.strip()}")
+    return "\n\n".join(p for p in parts if p) + "\n"

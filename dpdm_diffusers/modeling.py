@@ -1,0 +1,58 @@
+"""Conditional UNet and scheduler factories with the channel layout the pipeline expects.
+
+The UNet is a plain diffusers ``UNet2DModel`` (no custom classes, so checkpoints reload anywhere):
+``in_channels = 2 * V + S`` (noisy sample V, interpolated low-res V, static fields S) and
+``out_channels = V`` for V variables and S static channels.
+"""
+
+from __future__ import annotations
+
+from diffusers import DDPMScheduler, UNet2DModel
+
+# name -> (block_out_channels, attention at each level, layers_per_block, dropout)
+UNET_PRESETS = {
+    # SR3-style net of the paper: 64 base channels, mults (1, 1, 2, 4), attention at 32 and 16 px
+    # for 128-px patches (the two deepest levels), dropout 0.1.
+    "paper": ((64, 64, 128, 256), (False, False, True, True), 2, 0.1),
+    # CPU-sized default: same shape, a quarter of the width, attention only at the deepest level.
+    "small": ((32, 64, 128), (False, False, True), 2, 0.0),
+    # For tests and smoke runs.
+    "tiny": ((8, 16), (False, False), 1, 0.0),
+}
+
+
+def build_unet(num_variables: int, num_static: int, patch_size: int, preset: str = "small", **overrides) -> UNet2DModel:
+    """A freshly initialised conditional ``UNet2DModel`` for ``num_variables`` and ``num_static`` channels."""
+    if preset not in UNET_PRESETS:
+        raise ValueError(f"Unknown UNet preset {preset!r}; expected one of {tuple(UNET_PRESETS)}.")
+    channels, attn, layers, dropout = UNET_PRESETS[preset]
+    factor = 2 ** (len(channels) - 1)
+    if patch_size % factor:
+        raise ValueError(f"patch_size {patch_size} must be divisible by {factor} for the {preset!r} UNet.")
+    kwargs = dict(
+        sample_size=patch_size,
+        in_channels=2 * num_variables + num_static,
+        out_channels=num_variables,
+        block_out_channels=channels,
+        layers_per_block=layers,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        dropout=dropout,
+        norm_num_groups=min(8, channels[0]) if preset == "tiny" else 32,
+        attention_head_dim=8,
+    )
+    kwargs.update(overrides)
+    return UNet2DModel(**kwargs)
+
+
+def default_scheduler(**overrides) -> DDPMScheduler:
+    """The paper's training schedule: T=1000, cosine betas, eps-prediction, and no sample clipping
+    (diffusers clips to [-1, 1] by default, which is wrong for standardised climate data)."""
+    kwargs = dict(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        prediction_type="epsilon",
+        clip_sample=False,
+    )
+    kwargs.update(overrides)
+    return DDPMScheduler(**kwargs)

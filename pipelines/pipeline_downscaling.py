@@ -1,0 +1,604 @@
+# Copyright 2026 The dpdm-diffusers developers. Licensed under the Apache License, Version 2.0.
+"""DownscalingPipeline: probabilistic downscaling of gridded climate fields (DPDM, Ling et al. 2024).
+
+A conditional diffusion model turns a coarse field into an ensemble of fine fields. The UNet sees
+``[noisy sample, interpolated low-res field, static fields]`` at every step; the domain is covered by
+overlapping tiles of the model's patch size that are fused on one canvas at *every* step, so any
+domain size works and there are no seams; members x tiles go through the UNet in batches.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.utils import BaseOutput, replace_example_docstring
+
+from dpdm_diffusers import __version__
+from dpdm_diffusers.grids import INTERPOLATIONS, Grid, interpolate, lat_lon_names
+from dpdm_diffusers.modeling import default_scheduler
+from dpdm_diffusers.patching import PatchTiler
+from dpdm_diffusers.transforms import Normalizer
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch, xarray as xr
+        >>> from dpdm_diffusers import DownscalingPipeline
+
+        >>> pipe = DownscalingPipeline.from_pretrained("models/dpdm-glosea4-ts-x4")
+        >>> low_res = xr.open_dataset("coarse.nc")[["surface_temperature"]]  # (time, lat, lon), K
+        >>> out = pipe(low_res, num_members=10, num_inference_steps=25,
+        ...            generator=torch.Generator().manual_seed(0))
+        >>> out.members  # xr.Dataset (member, time, lat, lon) on the 4x finer grid
+        >>> out.mean.to_netcdf("mean.nc")
+        ```
+"""
+
+OUTPUT_TYPES = ("xarray", "np", "pt")
+NAN_POLICIES = ("raise", "mask")
+
+
+@dataclass
+class DownscalingPipelineOutput(BaseOutput):
+    """Output of :class:`DownscalingPipeline`.
+
+    Args:
+        members: every ensemble member. ``xarray``: a Dataset (DataArray for DataArray input) with dims
+            ``(member, *batch_dims, lat, lon)``; ``np``/``pt``: an array ``(member, batch, variable, lat, lon)``.
+        mean: the ensemble mean (no ``member`` dim).
+        std: the ensemble standard deviation (spread, ``ddof=1``; zeros for a single member).
+    """
+
+    members: Any
+    mean: Any
+    std: Any
+
+
+@dataclass
+class _Prepared:
+    """Inputs brought to canonical form: physical values ``(B, V, h, w)``, ascending grids."""
+
+    values: np.ndarray
+    src: Grid
+    dst: Grid
+    static: np.ndarray | None  # (S, H, W) on dst
+    meta: dict
+
+
+class DownscalingPipeline(DiffusionPipeline):
+    r"""Pipeline for probabilistic downscaling with a conditional diffusion model.
+
+    This model inherits from [`DiffusionPipeline`]. Check the superclass documentation for the generic
+    methods (downloading, saving, running on a device, ...).
+
+    Args:
+        unet ([`UNet2DModel`]):
+            Conditional UNet with ``in_channels = 2 * V + S`` and ``out_channels = V``.
+        scheduler ([`SchedulerMixin`]):
+            Any diffusers scheduler; the default is DDPM with the cosine schedule and no clipping.
+        variables (`list[str]`): names of the V variables, in channel order.
+        units (`list[str]`): physical units of each variable (inputs with other units are refused).
+        transforms (`list[str]`): ``"identity"`` or ``"log1p"`` (non-negative fields such as precipitation).
+        norm_mean, norm_std (`list[float]`): per-variable statistics in transformed space.
+        residual_std (`list[float]`): per-variable std of the normalised residual (residual target only).
+        static_channels (`list[str]`): names of the S static fields, e.g. ``["topography", "land_sea_mask"]``.
+        static_mean, static_std (`list[float]`): statistics of the static fields.
+        scale_factor (`int`): grid refinement from the low-res to the high-res grid.
+        patch_size (`int`): tile size in high-res pixels the UNet was trained on.
+        prediction (`str`): ``"residual"`` (high-res minus interpolated low-res) or ``"full"``.
+        interpolation (`str`): ``"bilinear"`` or ``"bicubic"`` interpolation of the low-res input.
+    """
+
+    model_cpu_offload_seq = "unet"
+
+    def __init__(
+        self,
+        unet: UNet2DModel,
+        scheduler,
+        variables: Sequence[str] | None = None,
+        units: Sequence[str] | None = None,
+        transforms: Sequence[str] | None = None,
+        norm_mean: Sequence[float] | None = None,
+        norm_std: Sequence[float] | None = None,
+        residual_std: Sequence[float] | None = None,
+        static_channels: Sequence[str] | None = None,
+        static_mean: Sequence[float] | None = None,
+        static_std: Sequence[float] | None = None,
+        scale_factor: int = 4,
+        patch_size: int | None = None,
+        prediction: str = "residual",
+        interpolation: str = "bilinear",
+    ):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        v = unet.config.out_channels
+        variables = list(variables) if variables is not None else [f"var{i}" for i in range(v)]
+        static_channels = list(static_channels) if static_channels is not None else []
+        s = len(static_channels)
+        config = dict(
+            variables=variables,
+            units=list(units) if units is not None else ["1"] * len(variables),
+            transforms=list(transforms) if transforms is not None else ["identity"] * len(variables),
+            norm_mean=[float(x) for x in norm_mean] if norm_mean is not None else [0.0] * len(variables),
+            norm_std=[float(x) for x in norm_std] if norm_std is not None else [1.0] * len(variables),
+            residual_std=[float(x) for x in residual_std] if residual_std is not None else [1.0] * len(variables),
+            static_channels=static_channels,
+            static_mean=[float(x) for x in static_mean] if static_mean is not None else [0.0] * s,
+            static_std=[float(x) for x in static_std] if static_std is not None else [1.0] * s,
+            scale_factor=int(scale_factor),
+            patch_size=int(patch_size if patch_size is not None else unet.config.sample_size),
+            prediction=prediction,
+            interpolation=interpolation,
+        )
+        self.normalizer = Normalizer.from_config(config)  # validates lengths, transforms, prediction
+        self._check_components(unet, config)
+        self.register_to_config(**config)
+
+    @staticmethod
+    def _check_components(unet, config):
+        v, s = len(config["variables"]), len(config["static_channels"])
+        if unet.config.out_channels != v or unet.config.in_channels != 2 * v + s:
+            raise ValueError(
+                f"Incompatible checkpoint: the UNet has in_channels={unet.config.in_channels}, "
+                f"out_channels={unet.config.out_channels}, but {v} variables {config['variables']} and {s} static "
+                f"channels {config['static_channels']} need in_channels={2 * v + s}, out_channels={v}."
+            )
+        factor = 2 ** (len(unet.config.block_out_channels) - 1)
+        if config["patch_size"] % factor:
+            raise ValueError(f"patch_size {config['patch_size']} is not divisible by the UNet's downsampling factor {factor}.")
+        if config["scale_factor"] < 1:
+            raise ValueError(f"scale_factor must be >= 1, got {config['scale_factor']}.")
+        if config["interpolation"] not in INTERPOLATIONS:
+            raise ValueError(f"Unknown interpolation {config['interpolation']!r}; expected one of {tuple(INTERPOLATIONS)}.")
+
+    @classmethod
+    def from_unet(cls, unet: UNet2DModel, scheduler=None, **config) -> "DownscalingPipeline":
+        """Build a pipeline around a UNet with the default (cosine DDPM, unclipped) scheduler."""
+        return cls(unet=unet, scheduler=scheduler if scheduler is not None else default_scheduler(), **config)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DownscalingPipeline":
+        """Load a saved pipeline (folder or Hub id). Weights load from safetensors only."""
+        if kwargs.get("use_safetensors") is False:
+            raise ValueError("dpdm-diffusers loads weights from safetensors only (use_safetensors=False is refused).")
+        kwargs["use_safetensors"] = True
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        commit_message: str | None = None,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        model_card: str | None = None,
+    ):
+        """Save the pipeline (safetensors) with a model card and upload it to the Hub as ``repo_id``.
+
+        ``model_card`` is the card's Markdown; by default one is rendered from the pipeline config.
+        """
+        import os
+        import tempfile
+
+        from huggingface_hub import create_repo, upload_folder
+
+        from dpdm_diffusers.model_card import render_model_card
+
+        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, safe_serialization=True)
+            card = model_card if model_card is not None else render_model_card(dict(self.config), repo_id=repo_id)
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(card)
+            return upload_folder(
+                repo_id=repo_id, folder_path=tmp, token=token, create_pr=create_pr,
+                commit_message=commit_message or "Upload DownscalingPipeline",
+            )
+
+    # ------------------------------------------------------------------------------------------
+    # input handling
+    # ------------------------------------------------------------------------------------------
+    def _prepare(self, low_res, static_fields, target_grid, member_dim, nan_policy) -> _Prepared:
+        cfg = self.config
+        variables = list(cfg.variables)
+        if isinstance(low_res, (torch.Tensor, np.ndarray)):
+            values = low_res.detach().cpu().numpy() if isinstance(low_res, torch.Tensor) else np.asarray(low_res)
+            if values.ndim == 3:
+                values = values[None]
+            if values.ndim != 4 or values.shape[1] != len(variables):
+                raise ValueError(
+                    f"Array input must be (batch, {len(variables)} variables, lat, lon) for variables {variables}, "
+                    f"got shape {values.shape}."
+                )
+            h, w = values.shape[-2:]
+            # index coordinates: a coarse cell i covers fine cells i*s .. i*s + s - 1
+            src = Grid(np.arange(h, dtype=float), np.arange(w, dtype=float))
+            meta = {"kind": "array", "tensor": isinstance(low_res, torch.Tensor)}
+        else:
+            values, src, meta = self._from_xarray(low_res, variables, member_dim)
+        values = values.astype(np.float32, copy=False)
+
+        n_nan = int(np.isnan(values).sum())
+        if n_nan and nan_policy == "raise":
+            raise ValueError(
+                f"The low-res input contains {n_nan} NaN values. Fill them, or pass nan_policy='mask' to "
+                "get NaN wherever the interpolated input is undefined."
+            )
+        if not np.all(np.isfinite(values[~np.isnan(values)])):
+            raise ValueError("The low-res input contains infinite values.")
+
+        if target_grid is None:
+            dst = src.refine(cfg.scale_factor)
+        else:
+            dst = target_grid if isinstance(target_grid, Grid) else Grid.from_xarray(target_grid)
+            dst = Grid(np.sort(dst.lat), np.sort(dst.lon))
+            ratio = src.scale_factor_to(dst)
+            if abs(ratio - cfg.scale_factor) > 0.05 * cfg.scale_factor:
+                raise ValueError(
+                    f"Wrong scale factor: the target grid is {ratio:.3g}x finer than the low-res grid, but this "
+                    f"model was trained for {cfg.scale_factor}x (low-res spacing {src.dlat:.4g}, target {dst.dlat:.4g})."
+                )
+        static = self._resolve_static(static_fields, dst, meta)
+        return _Prepared(values=values, src=src, dst=dst, static=static, meta=meta)
+
+    def _from_xarray(self, low_res, variables, member_dim):
+        import xarray as xr
+
+        if isinstance(low_res, xr.DataArray):
+            name = low_res.name
+            if name is None and len(variables) == 1:
+                name = variables[0]
+            if name not in variables or len(variables) != 1:
+                raise ValueError(
+                    f"DataArray input is named {low_res.name!r}, but this model downscales {variables}; "
+                    "pass a Dataset with exactly these variables (or rename the DataArray)."
+                )
+            ds, kind = low_res.rename(name).to_dataset(), "dataarray"
+        elif isinstance(low_res, xr.Dataset):
+            ds, kind = low_res, "dataset"
+        else:
+            raise TypeError(f"low_res must be an xarray Dataset/DataArray, a torch.Tensor or a numpy array, got {type(low_res)}.")
+        missing = [v for v in variables if v not in ds.data_vars]
+        extra = [v for v in ds.data_vars if v not in variables]
+        if missing or extra:
+            raise ValueError(
+                f"Variables do not match the model: missing {missing}, unexpected {extra}; the model expects "
+                f"{variables} (select them with ds[{variables}])."
+            )
+        lat_name, lon_name = lat_lon_names(ds)
+        src_in = Grid(ds[lat_name].values, ds[lon_name].values)  # validates monotonic/unique/regular
+        lat_desc, lon_desc = src_in.lat[0] > src_in.lat[-1], src_in.lon[0] > src_in.lon[-1]
+        ds = ds.sortby([lat_name, lon_name])
+        src = Grid(ds[lat_name].values, ds[lon_name].values)
+        dims0 = ds[variables[0]].dims
+        batch_dims = [d for d in dims0 if d not in (lat_name, lon_name)]
+        if member_dim in batch_dims:
+            raise ValueError(
+                f"The input already has a {member_dim!r} dimension; rename it (e.g. ds.rename({member_dim}='realization')) "
+                "or pass member_dim='ensemble'."
+            )
+        arrays = []
+        for v, u in zip(variables, self.config.units):
+            da = ds[v]
+            if set(da.dims) != set(dims0):
+                raise ValueError(f"Variable {v!r} has dims {da.dims}, unlike {variables[0]!r} with {dims0}.")
+            in_units = da.attrs.get("units")
+            if in_units is not None and str(in_units) != u:
+                raise ValueError(f"Variable {v!r} is in {in_units!r} but this model expects {u!r}; convert it first.")
+            arrays.append(da.transpose(*batch_dims, lat_name, lon_name).values)
+        values = np.stack(arrays, axis=-3)  # (*batch, V, h, w)
+        batch_shape = values.shape[:-3]
+        values = values.reshape(-1, *values.shape[-3:])
+        meta = {
+            "kind": kind, "ds": ds, "lat": lat_name, "lon": lon_name, "batch_dims": batch_dims,
+            "batch_shape": batch_shape, "lat_desc": lat_desc, "lon_desc": lon_desc,
+        }
+        return values, src, meta
+
+    def _resolve_static(self, static_fields, dst: Grid, meta) -> np.ndarray | None:
+        names = list(self.config.static_channels)
+        if not names:
+            return None
+        if static_fields is None:
+            if meta["kind"] == "array":
+                raise ValueError(f"Array input needs the static fields {names} passed explicitly (no coordinates).")
+            try:
+                from dpdm_diffusers.static_fields import get_static_fields
+            except ImportError as err:  # pragma: no cover - depends on the optional extra
+                raise ImportError(
+                    f"This model needs static fields {names}: pass them, or install `dpdm-diffusers[data]` so they "
+                    "are derived from packaged global topography and land-sea mask."
+                ) from err
+            static_fields = get_static_fields(dst, names)
+        if isinstance(static_fields, (torch.Tensor, np.ndarray)):
+            arr = static_fields.detach().cpu().numpy() if isinstance(static_fields, torch.Tensor) else np.asarray(static_fields)
+            if arr.shape != (len(names), *dst.shape):
+                raise ValueError(f"Static array must have shape {(len(names), *dst.shape)} for {names}, got {arr.shape}.")
+            return arr.astype(np.float32)
+        missing = [n for n in names if n not in static_fields]
+        if missing:
+            raise ValueError(f"Static fields {missing} are missing; the model needs {names}.")
+        out = []
+        for n in names:
+            f = static_fields[n]
+            if isinstance(f, (torch.Tensor, np.ndarray)):
+                arr = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
+                if arr.shape != dst.shape:
+                    raise ValueError(f"Static field {n!r} has shape {arr.shape}, the target grid is {dst.shape}.")
+            else:  # xarray on its own grid: must be the target grid
+                la, lo = lat_lon_names(f)
+                f = f.sortby([la, lo]).squeeze(drop=True)
+                lat, lon = f[la].values, f[lo].values
+                same = lat.shape == dst.lat.shape and lon.shape == dst.lon.shape
+                tol = 1e-3 * min(dst.dlat, dst.dlon)
+                if same:
+                    dlon = np.abs((lon - dst.lon + 180.0) % 360.0 - 180.0)  # 0..360 vs -180..180
+                    same = np.allclose(lat, dst.lat, atol=tol) and bool(np.all(dlon < tol))
+                if not same:
+                    raise ValueError(
+                        f"Static field {n!r} is on a {lat.size}x{lon.size} grid (lat {lat.min():.3f}..{lat.max():.3f}, "
+                        f"lon {lon.min():.3f}..{lon.max():.3f}) but the target grid is {dst.shape[0]}x{dst.shape[1]} "
+                        f"(lat {dst.lat.min():.3f}..{dst.lat.max():.3f}, lon {dst.lon.min():.3f}..{dst.lon.max():.3f})."
+                    )
+                arr = f.transpose(la, lo).values
+            if np.isnan(arr).any():
+                raise ValueError(f"Static field {n!r} contains NaN; fill it (e.g. 0 m over the ocean).")
+            out.append(arr.astype(np.float32))
+        return np.stack(out)
+
+    @staticmethod
+    def _member_seeds(generator, num_members: int) -> list[int]:
+        """One seed per member, drawn one at a time so member k never depends on ``num_members``."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != num_members:
+                raise ValueError(f"Got {len(generator)} generators for {num_members} members; pass one or exactly num_members.")
+            return [int(torch.randint(0, 2**62, (1,), generator=g).item()) for g in generator]
+        return [int(torch.randint(0, 2**62, (1,), generator=generator).item()) for _ in range(num_members)]
+
+    def _extra_step_kwargs(self, generator, eta):
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    # ------------------------------------------------------------------------------------------
+    # output handling
+    # ------------------------------------------------------------------------------------------
+    def _to_xarray(self, members: np.ndarray, prep: _Prepared, member_dim: str, info: dict):
+        import xarray as xr
+
+        meta, cfg = prep.meta, self.config
+        ds_in, lat_name, lon_name = meta["ds"], meta["lat"], meta["lon"]
+        batch_dims, batch_shape = meta["batch_dims"], meta["batch_shape"]
+        m = members.shape[0]
+        members = members.reshape(m, *batch_shape, *members.shape[-3:])  # (M, *batch, V, H, W)
+        coords = {
+            lat_name: xr.Variable(lat_name, prep.dst.lat, ds_in[lat_name].attrs),
+            lon_name: xr.Variable(lon_name, prep.dst.lon, ds_in[lon_name].attrs),
+            member_dim: xr.Variable(member_dim, np.arange(m), {"long_name": "ensemble member"}),
+        }
+        for name, c in ds_in.coords.items():  # time, scalar and other non-spatial coords carry through
+            if name not in (lat_name, lon_name) and not ({lat_name, lon_name} & set(c.dims)):
+                coords[name] = c
+        history = ds_in.attrs.get("history", "")
+        stamp = f"{datetime.now(timezone.utc):%Y-%m-%dT%H:%M:%SZ} downscaled x{cfg.scale_factor} by dpdm-diffusers {__version__}"
+        attrs = dict(ds_in.attrs)
+        attrs.update(
+            Conventions="CF-1.8",
+            source=f"dpdm-diffusers {__version__} DownscalingPipeline",
+            history=f"{history}\n{stamp}".strip(),
+            **{f"dpdm_{k}": v for k, v in info.items()},
+        )
+
+        def dataset(arr, dims_lead, cell_method, long_suffix):
+            data_vars = {}
+            for i, (v, u) in enumerate(zip(cfg.variables, cfg.units)):
+                va = dict(ds_in[v].attrs)
+                va["units"] = u
+                if cell_method:
+                    va["cell_methods"] = f"{member_dim}: {cell_method}"
+                if long_suffix:
+                    va["long_name"] = f"{va.get('long_name', v)} {long_suffix}".strip()
+                data_vars[v] = xr.Variable((*dims_lead, *batch_dims, lat_name, lon_name), arr[..., i, :, :], va)
+            keep = {k: c for k, c in coords.items() if k != member_dim or dims_lead}
+            out = xr.Dataset(data_vars, coords=keep, attrs=attrs)
+            # give the caller back their own latitude/longitude order
+            if meta["lat_desc"]:
+                out = out.isel({lat_name: slice(None, None, -1)})
+            if meta["lon_desc"]:
+                out = out.isel({lon_name: slice(None, None, -1)})
+            return out[cfg.variables[0]] if meta["kind"] == "dataarray" else out
+
+        mean = members.mean(axis=0)
+        std = members.std(axis=0, ddof=1) if m > 1 else np.zeros_like(mean)
+        return (
+            dataset(members, (member_dim,), None, None),
+            dataset(mean, (), "mean", "ensemble mean"),
+            dataset(std, (), "standard_deviation", "ensemble spread"),
+        )
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        low_res,
+        topography=None,
+        land_sea_mask=None,
+        static_fields=None,
+        target_grid=None,
+        num_members: int = 1,
+        num_inference_steps: int = 25,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        eta: float = 0.0,
+        batch_size: int = 16,
+        tile_overlap: int | None = None,
+        nan_policy: str = "raise",
+        member_dim: str = "member",
+        output_type: str | None = None,
+        return_dict: bool = True,
+    ):
+        r"""
+        Downscale ``low_res`` into ``num_members`` high-resolution ensemble members.
+
+        Args:
+            low_res (`xr.Dataset`, `xr.DataArray`, `torch.Tensor` or `np.ndarray`):
+                The coarse field in physical units. xarray input needs regular ``lat``/``latitude`` and
+                ``lon``/``longitude`` dims plus any batch dims (e.g. ``time``) and exactly the model's
+                variables; arrays are ``(batch, variable, lat, lon)`` or ``(variable, lat, lon)``.
+            topography (`xr.DataArray` or array, *optional*):
+                Surface elevation (m) on the target grid; shorthand for ``static_fields["topography"]``.
+            land_sea_mask (`xr.DataArray` or array, *optional*):
+                Land fraction (0..1, 1 = land) on the target grid; shorthand for ``static_fields["land_sea_mask"]``.
+            static_fields (`Mapping[str, xr.DataArray | array]`, `xr.Dataset` or array `(S, lat, lon)`, *optional*):
+                The model's static channels on the target grid. When omitted for xarray input they are
+                derived from packaged global data (needs the ``data`` extra).
+            target_grid (`xr.Dataset`/`xr.DataArray` with lat/lon, or `Grid`, *optional*):
+                The high-res grid. Defaults to the low-res grid refined by the model's ``scale_factor``.
+                Its spacing must match ``scale_factor``.
+            num_members (`int`, defaults to 1): ensemble size; members differ only by their noise.
+            num_inference_steps (`int`, defaults to 25): denoising steps of the scheduler.
+            generator (`torch.Generator` or list of `torch.Generator`, *optional*):
+                Seeds the ensemble. With one generator seeded ``s``, member ``k`` is the same field whatever
+                ``num_members`` (> k), ``batch_size`` or tiling; a list gives one generator per member.
+            eta (`float`, defaults to 0.0): DDIM's eta (ignored by schedulers without it).
+            batch_size (`int`, defaults to 16): tiles (over all members and batch entries) per UNet call.
+            tile_overlap (`int`, *optional*): minimum tile overlap in pixels (default: a quarter patch).
+            nan_policy (`str`, defaults to ``"raise"``): ``"raise"`` refuses NaN in ``low_res``; ``"mask"``
+                fills NaN for the network and returns NaN wherever the interpolated input is undefined.
+            member_dim (`str`, defaults to ``"member"``): name of the ensemble dimension in xarray output.
+            output_type (`str`, *optional*): ``"xarray"`` (default for xarray input), ``"np"`` or ``"pt"``
+                (default for tensor input).
+            return_dict (`bool`, defaults to True): return a [`DownscalingPipelineOutput`] instead of a tuple.
+
+        Examples:
+
+        Returns:
+            [`DownscalingPipelineOutput`] or `tuple` ``(members, mean, std)`` in physical units.
+        """
+        # 1. Check arguments
+        if num_members < 1:
+            raise ValueError(f"num_members must be >= 1, got {num_members}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+        if nan_policy not in NAN_POLICIES:
+            raise ValueError(f"Unknown nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}.")
+        if output_type is not None and output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}.")
+        if getattr(self.scheduler.config, "clip_sample", False) or getattr(self.scheduler.config, "thresholding", False):
+            raise ValueError(
+                "The scheduler clips or thresholds samples (clip_sample/thresholding=True), which distorts standardised "
+                "climate data; build it with clip_sample=False, e.g. DDIMScheduler.from_config(pipe.scheduler.config)."
+            )
+        if topography is not None or land_sea_mask is not None:
+            if static_fields is not None:
+                raise ValueError("Pass static fields either as static_fields or as topography/land_sea_mask, not both.")
+            static_fields = {k: f for k, f in (("topography", topography), ("land_sea_mask", land_sea_mask)) if f is not None}
+
+        # 2. Canonical inputs: values (B, V, h, w), ascending grids, static fields on the target grid
+        prep = self._prepare(low_res, static_fields, target_grid, member_dim, nan_policy)
+        if output_type is None:
+            output_type = "xarray" if prep.meta["kind"] != "array" else ("pt" if prep.meta["tensor"] else "np")
+        if output_type == "xarray" and prep.meta["kind"] == "array":
+            raise ValueError("output_type='xarray' needs xarray input (arrays carry no coordinates).")
+        device = self._execution_device
+        cfg, norm = self.config, self.normalizer
+        patch = cfg.patch_size
+
+        # 3. Condition = [normalised interpolated low-res, normalised static fields]
+        lerp = interpolate(prep.values, prep.src, prep.dst, cfg.interpolation)  # (B, V, H, W) physical
+        invalid = None
+        if nan_policy == "mask" and np.isnan(prep.values).any():
+            # bilinear stencil tells where the input is undefined; fill with the mean for the network
+            invalid = np.isnan(interpolate(prep.values, prep.src, prep.dst, "bilinear")) | np.isnan(lerp)
+        lerp_t = torch.from_numpy(np.ascontiguousarray(lerp)).float()
+        static_t = torch.from_numpy(prep.static) if prep.static is not None else None
+        # NaN (masked mode only) becomes the variable's mean (0 once normalised); those points are re-masked
+        cond = torch.nan_to_num(norm.condition(lerp_t, static_t), nan=0.0)  # (B, V+S, H, W)
+        lerp_norm = cond[:, : norm.num_variables]
+
+        # 4. Pad small domains to one patch (wrap on global longitude) and tile the canvas
+        num_batch, (height, width) = cond.shape[0], prep.dst.shape
+        periodic = prep.src.periodic and prep.meta["kind"] != "array"
+        pad_h, pad_w = max(0, patch - height), max(0, patch - width)
+        if pad_h or pad_w:
+            cond = torch.nn.functional.pad(cond, (0, pad_w, 0, 0), mode="circular" if periodic else "replicate")
+            cond = torch.nn.functional.pad(cond, (0, 0, 0, pad_h), mode="replicate")
+        canvas_h, canvas_w = cond.shape[-2:]
+        tiler = PatchTiler(canvas_h, canvas_w, patch, tile_overlap, periodic_x=periodic and not pad_w)
+        n_tiles = tiler.num_tiles
+        cond = cond.to(device)
+        cond_tiles = tiler.extract(
+            cond, torch.arange(num_batch).repeat_interleave(n_tiles), torch.arange(n_tiles).repeat(num_batch)
+        )  # (B * N, C, P, P), index b * N + tile
+
+        # 5. Initial noise: one generator stream per (member, batch entry) row, so a member's field never
+        #    depends on batch_size, num_members or tiling. Rows are member-major: row = k * B + b.
+        seeds = self._member_seeds(generator, num_members)
+        num_vars = self.unet.config.out_channels
+        row_gens = [torch.Generator().manual_seed(s + b) for s in seeds for b in range(num_batch)]
+        num_rows = len(row_gens)
+        latents = torch.cat([torch.randn((1, num_vars, canvas_h, canvas_w), generator=g) for g in row_gens])
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = (latents * self.scheduler.init_noise_sigma).to(device)
+        extra_step_kwargs = self._extra_step_kwargs(row_gens, eta)
+
+        # 6. Denoising loop: all tiles of all rows through the UNet in batches, fused on the canvas at every
+        #    step, then one scheduler.step for the whole canvas (multistep solvers keep one history)
+        pair_rows = torch.arange(num_rows).repeat_interleave(n_tiles)
+        pair_tiles = torch.arange(n_tiles).repeat(num_rows)
+        pair_cond = (pair_rows % num_batch) * n_tiles + pair_tiles
+        unet_dtype = self.unet.dtype
+        timesteps = self.scheduler.timesteps
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for t in timesteps:
+                model_in = self.scheduler.scale_model_input(latents, t)
+                acc = torch.zeros(num_rows, num_vars, canvas_h * canvas_w, device=device)
+                for start in range(0, len(pair_rows), batch_size):
+                    rows = pair_rows[start : start + batch_size]
+                    tiles = pair_tiles[start : start + batch_size]
+                    x = tiler.extract(model_in, rows, tiles)
+                    inp = torch.cat([x, cond_tiles[pair_cond[start : start + batch_size].to(device)]], dim=1)
+                    eps = self.unet(inp.to(unet_dtype), t).sample
+                    tiler.accumulate(acc, eps.float(), rows, tiles)
+                model_output = tiler.normalize(acc)
+                latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
+                progress_bar.update()
+
+        # 7. Back to physical units on the target grid
+        latents = latents[..., :height, :width].float().cpu()
+        lerp_norm_rows = lerp_norm.repeat(num_members, 1, 1, 1)
+        members = norm.from_model_space(latents, lerp_norm_rows)
+        members = members.reshape(num_members, num_batch, num_vars, height, width)
+        if invalid is not None:
+            members = members.masked_fill(torch.from_numpy(invalid)[None], float("nan"))
+        self.maybe_free_model_hooks()
+
+        # 8. Package
+        if output_type == "xarray":
+            info = {
+                "scheduler": type(self.scheduler).__name__, "num_inference_steps": num_inference_steps,
+                "num_members": num_members, "model": str(getattr(self, "name_or_path", "") or ""),
+                "scale_factor": cfg.scale_factor, "patch_size": patch,
+            }
+            out = self._to_xarray(members.numpy(), prep, member_dim, info)
+        else:
+            mean = members.mean(0)
+            std = members.std(0, unbiased=True) if num_members > 1 else torch.zeros_like(mean)
+            out = (members, mean, std)
+            if output_type == "np":
+                out = tuple(o.numpy() for o in out)
+        if not return_dict:
+            return out
+        return DownscalingPipelineOutput(members=out[0], mean=out[1], std=out[2])

@@ -1,0 +1,420 @@
+"""DownscalingPipeline: outputs, reproducibility, tiling, schedulers, save/load and input errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from conftest import make_low_res, make_pipeline, make_static
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+from dpdm_diffusers import DownscalingPipeline, DownscalingPipelineOutput
+from dpdm_diffusers.grids import Grid
+from dpdm_diffusers.patching import PatchTiler
+
+STEPS = 2
+
+
+def run(pipe, low_res, static, seed=0, **kw):
+    kw.setdefault("num_inference_steps", STEPS)
+    return pipe(low_res, static_fields=static, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+# --- outputs ---------------------------------------------------------------------------------------
+def test_xarray_output_dims_coords_and_cf_attrs(pipe, low_res, static):
+    out = run(pipe, low_res, static, num_members=3)
+    assert isinstance(out, DownscalingPipelineOutput)
+    m = out.members["tas"]
+    assert m.dims == ("member", "time", "lat", "lon")
+    assert m.shape == (3, 2, 24, 32)
+    np.testing.assert_allclose(out.members.lat, Grid.from_xarray(low_res).refine(4).lat)
+    assert (out.members.time.values == low_res.time.values).all()
+    assert m.attrs["units"] == "K" and m.attrs["long_name"] == "tas field"
+    assert out.members.lat.attrs["units"] == "degrees_north"
+    assert out.mean["tas"].dims == ("time", "lat", "lon")
+    assert out.mean["tas"].attrs["cell_methods"] == "member: mean"
+    assert out.std["tas"].attrs["cell_methods"] == "member: standard_deviation"
+    assert out.members.attrs["Conventions"] == "CF-1.8" and out.members.attrs["title"] == "synthetic low-res"
+    assert out.members.attrs["dpdm_num_members"] == 3
+    np.testing.assert_allclose(out.mean["tas"], m.mean("member"), rtol=1e-6)
+    np.testing.assert_allclose(out.std["tas"], m.std("member", ddof=1), rtol=1e-4)
+    assert np.isfinite(m.values).all()
+    # output lands in physical units around the input, not in normalised space
+    assert abs(float(m.mean()) - float(low_res.tas.mean())) < 20
+
+
+def test_output_follows_the_interpolated_input_for_residual_models(pipe, low_res, static):
+    """The residual is added back: a model whose eps is the noise itself returns the lerp exactly."""
+    def oracle(sample, timestep, *args, **kwargs):  # eps-prediction that recovers x0 = 0 residual
+        noisy = sample[:, :1]
+        ab = pipe.scheduler.alphas_cumprod[int(timestep)]
+        return type("O", (), {"sample": noisy / (1 - ab).sqrt()})()
+
+    pipe.unet.forward = oracle
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    out = run(pipe, low_res, static, num_inference_steps=4)
+    from dpdm_diffusers.grids import interpolate
+
+    lerp = interpolate(low_res.tas.values, Grid.from_xarray(low_res), Grid.from_xarray(low_res).refine(4))
+    np.testing.assert_allclose(out.mean.tas.values, lerp, atol=1e-3)
+
+
+def test_dataarray_in_dataarray_out(pipe, low_res, static):
+    out = run(pipe, low_res["tas"], static, num_members=2)
+    assert isinstance(out.members, xr.DataArray) and out.members.name == "tas"
+    assert out.members.dims == ("member", "time", "lat", "lon")
+    assert isinstance(out.mean, xr.DataArray)
+
+
+def test_np_pt_and_tuple_outputs_agree(pipe, low_res, static):
+    x = run(pipe, low_res, static, num_members=2)
+    n = run(pipe, low_res, static, num_members=2, output_type="np")
+    p = run(pipe, low_res, static, num_members=2, output_type="pt", return_dict=False)
+    assert n.members.shape == (2, 2, 1, 24, 32) and isinstance(n.members, np.ndarray)
+    assert isinstance(p, tuple) and isinstance(p[0], torch.Tensor)
+    np.testing.assert_allclose(n.members[:, :, 0], x.members.tas.values, rtol=1e-6)
+    np.testing.assert_allclose(p[1].numpy(), n.mean, rtol=1e-6)
+
+
+def test_tensor_input_gives_tensor_output(pipe, low_res, static):
+    values = torch.from_numpy(low_res.tas.values[:, None])  # (time, V, lat, lon)
+    s = torch.from_numpy(np.stack([static["topography"].values, static["land_sea_mask"].values])).float()
+    out = pipe(values, static_fields=s, num_members=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
+    assert isinstance(out.members, torch.Tensor) and out.members.shape == (2, 2, 1, 24, 32)
+    ref = run(pipe, low_res, static, num_members=2)
+    np.testing.assert_allclose(out.members[:, :, 0].numpy(), ref.members.tas.values, atol=1e-4)
+    with pytest.raises(ValueError, match="needs xarray input"):
+        pipe(values, static_fields=s, num_inference_steps=1, output_type="xarray")
+
+
+def test_descending_latitude_is_returned_in_the_callers_order(pipe, low_res, static):
+    asc = run(pipe, low_res, static, num_members=2)
+    desc = run(pipe, low_res.isel(lat=slice(None, None, -1)), static, num_members=2)
+    assert desc.members.lat.values[0] > desc.members.lat.values[-1]
+    xr.testing.assert_allclose(desc.members.sortby("lat").tas, asc.members.tas, atol=1e-4)
+
+
+def test_multi_variable_model_with_log1p_precipitation():
+    pipe = make_pipeline(variables=("tas", "pr"), units=("K", "mm/day"), transforms=("identity", "log1p"))
+    lr = make_low_res(variables=("tas", "pr"), units=("K", "mm/day"))
+    lr["pr"] = (lr["pr"] - 278).clip(0, None).assign_attrs(units="mm/day")  # 0..~10 mm/day with dry cells
+    st = make_static(Grid.from_xarray(lr).refine(4))
+    pipe.register_to_config(norm_mean=[280.0, 1.0], norm_std=[10.0, 1.0])
+    pipe.normalizer.mean, pipe.normalizer.std = [280.0, 1.0], [10.0, 1.0]
+    out = run(pipe, lr, st, num_members=2)
+    assert set(out.members.data_vars) == {"tas", "pr"}
+    assert float(out.members.pr.min()) >= 0.0  # inverse log1p is clipped to non-negative
+    assert out.members.pr.attrs["units"] == "mm/day"
+
+
+def test_full_prediction_target_runs(low_res, static):
+    pipe = make_pipeline(prediction="full")
+    out = run(pipe, low_res, static)
+    assert np.isfinite(out.members.tas.values).all()
+
+
+# --- reproducibility and batching ----------------------------------------------------------------
+def test_seeded_runs_are_reproducible_and_seeds_differ(pipe, low_res, static):
+    a = run(pipe, low_res, static, num_members=2, seed=0)
+    b = run(pipe, low_res, static, num_members=2, seed=0)
+    c = run(pipe, low_res, static, num_members=2, seed=1)
+    np.testing.assert_array_equal(a.members.tas.values, b.members.tas.values)
+    assert np.abs(a.members.tas.values - c.members.tas.values).max() > 1e-3
+    # members differ from each other
+    assert np.abs(a.members.tas[0] - a.members.tas[1]).max() > 1e-3
+
+
+@pytest.mark.parametrize("scheduler_cls", [DDPMScheduler, DDIMScheduler])
+def test_member_is_independent_of_batch_size_member_count_and_tile_order(scheduler_cls, monkeypatch):
+    pipe = make_pipeline()
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    lr = make_low_res(nlat=6, nlon=10, ntime=2)  # 24 x 40 px: several tiles
+    st = make_static(Grid.from_xarray(lr).refine(4))
+    kw = dict(eta=1.0) if scheduler_cls is DDIMScheduler else {}  # stochastic steps draw noise too
+    ref = run(pipe, lr, st, num_members=4, batch_size=64, **kw).members.tas.values
+    small = run(pipe, lr, st, num_members=4, batch_size=3, **kw).members.tas.values
+    fewer = run(pipe, lr, st, num_members=2, batch_size=5, **kw).members.tas.values
+    np.testing.assert_allclose(small, ref, atol=1e-4)
+    np.testing.assert_allclose(fewer, ref[:2], atol=1e-4)
+
+    class ReversedTiler(PatchTiler):  # same tiles, visited in the opposite order
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.starts, self.index = self.starts[::-1], self.index.flip(0)
+
+    monkeypatch.setattr("dpdm_diffusers.pipelines.pipeline_downscaling.PatchTiler", ReversedTiler)
+    rev = run(pipe, lr, st, num_members=4, batch_size=7, **kw).members.tas.values
+    np.testing.assert_allclose(rev, ref, atol=1e-4)
+
+
+def test_generator_list_gives_one_stream_per_member(pipe, low_res, static):
+    gens = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    a = pipe(low_res, static_fields=static, num_members=2, num_inference_steps=STEPS, generator=gens).members.tas.values
+    b = pipe(low_res, static_fields=static, num_members=1, num_inference_steps=STEPS,
+             generator=[torch.Generator().manual_seed(6)]).members.tas.values
+    np.testing.assert_allclose(a[1], b[0], atol=1e-5)
+    with pytest.raises(ValueError, match="generators for 3 members"):
+        pipe(low_res, static_fields=static, num_members=3, num_inference_steps=1, generator=gens)
+
+
+# --- tiling ----------------------------------------------------------------------------------------
+def _tile_position_model(pipe, amplitude=5.0):
+    """Replace the UNet's forward by a prediction that depends on the position inside the tile.
+
+    It stands in for what real UNets do at tile borders (padding artefacts); stitching tiles without
+    blending turns it into visible jumps, so the test below can fail.
+    """
+    def forward(sample, timestep, *args, **kwargs):
+        p = sample.shape[-1]
+        ramp = torch.linspace(-amplitude, amplitude, p).view(1, 1, 1, p)
+        return type("O", (), {"sample": ramp.expand(sample.shape[0], 1, p, p).clone()})()
+
+    pipe.unet.forward = forward
+
+
+def _border_jump_ratio(field, tiler, axis_len):
+    edges = set()
+    for _, x in tiler.starts:
+        edges |= {x - 1, x + tiler.patch - 1}
+    edges = sorted(e for e in edges if 0 <= e < axis_len - 1)
+    d = np.abs(np.diff(field, axis=-1)).reshape(-1, axis_len - 1).mean(0)
+    inner = [j for j in range(axis_len - 1) if j not in edges]
+    return d[edges].mean() / d[inner].mean()
+
+
+def test_no_seams_at_tile_borders():
+    """With the real scheduler (DDIM) on a smooth input, jumps across tile borders are no larger than inside.
+
+    The same check on tiles that are merely averaged (no smooth weights, ``tile_overlap=0``) finds the seams,
+    which shows the check is sensitive.
+    """
+    pipe = make_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    _tile_position_model(pipe)
+    lr = make_low_res(nlat=4, nlon=14, ntime=1)
+    lr["tas"][:] = 280.0
+    st = make_static(Grid.from_xarray(lr).refine(4))
+    ratios = {}
+    for overlap in (None, 0):
+        out = run(pipe, lr, st, num_members=8, num_inference_steps=5, tile_overlap=overlap)
+        tiler = PatchTiler(16, 56, 16, overlap)
+        ratios[overlap] = _border_jump_ratio(out.mean.tas.values, tiler, 56)
+    assert ratios[None] < 1.5, ratios
+    assert ratios[0] > 3.0, ratios
+
+
+def test_small_domains_are_padded_not_refused(pipe):
+    lr = make_low_res(nlat=2, nlon=3, ntime=1)  # 8 x 12 px, smaller than the 16-px patch
+    st = make_static(Grid.from_xarray(lr).refine(4))
+    out = run(pipe, lr, st, num_members=2)
+    assert out.members.tas.shape == (2, 1, 8, 12)
+    assert np.isfinite(out.members.tas.values).all()
+
+
+def test_global_grid_wraps_in_longitude():
+    pipe = make_pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    _tile_position_model(pipe)
+    lr = make_low_res(nlat=4, nlon=18, ntime=1, lat0=-20.0, lon0=0.0, step=20.0)  # 18 x 20 deg = 360 deg
+    lr["tas"][:] = 280.0
+    st = make_static(Grid.from_xarray(lr).refine(4))
+    out = run(pipe, lr, st, num_members=4, num_inference_steps=4)
+    f = out.mean.tas.values[0]
+    wrap_jump = np.abs(f[:, 0] - f[:, -1]).mean()
+    inner_jump = np.abs(np.diff(f, axis=-1)).mean()
+    assert wrap_jump < 2 * inner_jump  # continuous across the dateline (tiles wrap)
+
+
+# --- schedulers ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "scheduler_cls", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler]
+)
+def test_schedulers_swap_in_with_from_config_and_step_once_per_timestep(scheduler_cls, low_res, static):
+    pipe = make_pipeline()
+    pipe.scheduler = scheduler_cls.from_config(pipe.scheduler.config)
+    calls = []
+    original = pipe.scheduler.step
+
+    def counting_step(model_output, timestep, sample, *a, **k):
+        calls.append(tuple(model_output.shape))
+        return original(model_output, timestep, sample, *a, **k)
+
+    pipe.scheduler.step = counting_step
+    lr = make_low_res(nlat=6, nlon=10, ntime=2)
+    st = make_static(Grid.from_xarray(lr).refine(4))
+    out = run(pipe, lr, st, num_members=3, num_inference_steps=3, batch_size=4)
+    assert np.isfinite(out.members.tas.values).all()
+    # one step() per timestep with every member x batch row of the whole canvas (history stays consistent)
+    assert len(calls) == 3 and all(c == (6, 1, 24, 40) for c in calls)
+    assert out.members.attrs["dpdm_scheduler"] == scheduler_cls.__name__
+
+
+def test_clipping_schedulers_are_refused(pipe, low_res, static):
+    pipe.scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2")  # diffusers default clip_sample=True
+    with pytest.raises(ValueError, match="clip_sample"):
+        run(pipe, low_res, static)
+
+
+# --- save / load / hub -----------------------------------------------------------------------------
+def test_save_pretrained_round_trip_is_identical_and_safetensors_only(pipe, low_res, static, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    files = {os.path.relpath(os.path.join(r, f), tmp_path) for r, _, fs in os.walk(tmp_path) for f in fs}
+    assert "unet/diffusion_pytorch_model.safetensors" in files
+    assert not any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in files)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    assert index["_class_name"] == "DownscalingPipeline" and index["variables"] == ["tas"]
+    assert index["static_channels"] == ["topography", "land_sea_mask"]
+    loaded = DownscalingPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    public = lambda c: {k: v for k, v in c.items() if not k.startswith("_")}  # noqa: E731
+    assert public(loaded.config) == public(pipe.config)
+    a = run(pipe, low_res, static, num_members=2)
+    b = run(loaded, low_res, static, num_members=2)
+    np.testing.assert_array_equal(a.members.tas.values, b.members.tas.values)
+    with pytest.raises(ValueError, match="safetensors only"):
+        DownscalingPipeline.from_pretrained(tmp_path, use_safetensors=False)
+
+
+def test_two_variable_config_survives_reload(tmp_path):
+    """A two-string list (["u10", "v10"]) must stay config, not be mistaken for a component spec."""
+    pipe = make_pipeline(variables=("u10", "v10"), units=("m s-1", "m s-1"))
+    pipe.save_pretrained(tmp_path)
+    loaded = DownscalingPipeline.from_pretrained(tmp_path)
+    assert list(loaded.config.variables) == ["u10", "v10"]
+
+
+def test_pickle_weights_are_not_loaded(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path, safe_serialization=False)
+    with pytest.raises(Exception, match="safetensors"):
+        DownscalingPipeline.from_pretrained(tmp_path)
+
+
+def test_incompatible_checkpoint_is_refused(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path)
+    index = json.loads((tmp_path / "model_index.json").read_text())
+    index["variables"], index["units"] = ["u10", "v10"], ["m s-1", "m s-1"]
+    index["transforms"], index["norm_mean"], index["norm_std"] = ["identity"] * 2, [0, 0], [1, 1]
+    index["residual_std"] = [1, 1]
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match="Incompatible checkpoint"):
+        DownscalingPipeline.from_pretrained(tmp_path)
+
+
+def test_push_to_hub_uploads_a_loadable_folder_with_a_card(pipe, low_res, static, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    seen = {}
+
+    class Repo:
+        def __init__(self, repo_id):
+            self.repo_id = repo_id
+
+    def fake_create_repo(repo_id, **kwargs):
+        seen["created"] = repo_id
+        return Repo(repo_id)
+
+    def fake_upload_folder(repo_id, folder_path, **kwargs):
+        shutil.copytree(folder_path, hub / repo_id)
+        seen["uploaded"] = repo_id
+        return "https://huggingface.co/" + repo_id
+
+    monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    url = pipe.push_to_hub("team/dpdm-test")
+    assert seen == {"created": "team/dpdm-test", "uploaded": "team/dpdm-test"} and url.endswith("team/dpdm-test")
+    card = (hub / "team/dpdm-test" / "README.md").read_text()
+    assert card.startswith("---") and "library_name: diffusers" in card and "DownscalingPipeline.from_pretrained" in card
+    loaded = DownscalingPipeline.from_pretrained(hub / "team/dpdm-test")
+    loaded.set_progress_bar_config(disable=True)
+    np.testing.assert_array_equal(run(loaded, low_res, static).members.tas.values, run(pipe, low_res, static).members.tas.values)
+
+
+# --- bad input -------------------------------------------------------------------------------------
+def test_missing_and_extra_variables_are_named(pipe, low_res, static):
+    with pytest.raises(ValueError, match=r"missing \['tas'\]"):
+        run(pipe, low_res.rename(tas="t2m"), static)
+    with pytest.raises(ValueError, match=r"unexpected \['pr'\]"):
+        run(pipe, low_res.assign(pr=low_res.tas), static)
+
+
+def test_wrong_units_are_refused(pipe, low_res, static):
+    lr = low_res.copy()
+    lr["tas"] = lr.tas.assign_attrs(units="degC")
+    with pytest.raises(ValueError, match="'degC'"):
+        run(pipe, lr, static)
+
+
+def test_non_monotonic_and_duplicated_coordinates(pipe, low_res, static):
+    lat = low_res.lat.values.copy()
+    lat[[1, 2]] = lat[[2, 1]]
+    with pytest.raises(ValueError, match="not monotonic"):
+        run(pipe, low_res.assign_coords(lat=lat), static)
+    lat = low_res.lat.values.copy()
+    lat[2] = lat[1]
+    with pytest.raises(ValueError, match="duplicated"):
+        run(pipe, low_res.assign_coords(lat=lat), static)
+    lon = low_res.lon.values.copy()
+    lon[-1] += 0.7
+    with pytest.raises(ValueError, match="irregular"):
+        run(pipe, low_res.assign_coords(lon=lon), static)
+
+
+def test_static_fields_on_the_wrong_grid(pipe, low_res, static):
+    shifted = {k: v.assign_coords(lat=v.lat + 1.0) for k, v in static.items()}
+    with pytest.raises(ValueError, match="Static field 'topography' is on a 24x32 grid"):
+        run(pipe, low_res, shifted)
+    with pytest.raises(ValueError, match=r"Static fields \['land_sea_mask'\] are missing"):
+        run(pipe, low_res, {"topography": static["topography"]})
+    coarse = {k: v.isel(lat=slice(0, None, 2)) for k, v in static.items()}
+    with pytest.raises(ValueError, match="12x32 grid"):
+        run(pipe, low_res, coarse)
+
+
+def test_nan_input_raises_or_masks(pipe, low_res, static):
+    lr = low_res.copy(deep=True)
+    lr["tas"][:, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="2 NaN values"):
+        run(pipe, lr, static)
+    out = run(pipe, lr, static, nan_policy="mask", num_members=2)
+    m = out.members.tas.values
+    assert np.isnan(m[:, :, 0, 0]).all()  # the undefined corner stays undefined
+    assert np.isfinite(m[:, :, -4:, -4:]).all()  # far from it the field is defined
+    assert np.isnan(out.mean.tas.values[0, 0, 0])
+
+
+def test_wrong_scale_factor_of_the_target_grid(pipe, low_res, static):
+    g = Grid.from_xarray(low_res).refine(2)
+    target = xr.Dataset(coords={"lat": g.lat, "lon": g.lon})
+    with pytest.raises(ValueError, match="Wrong scale factor"):
+        run(pipe, low_res, static, target_grid=target)
+    g4 = Grid.from_xarray(low_res).refine(4)
+    ok = run(pipe, low_res, static, target_grid=xr.Dataset(coords={"lat": g4.lat, "lon": g4.lon}))
+    assert ok.members.tas.shape[-2:] == (24, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(output_type="pil"), "Unknown output_type"),
+        (dict(num_members=0), "num_members must be >= 1"),
+        (dict(num_inference_steps=0), "num_inference_steps must be >= 1"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+        (dict(nan_policy="ignore"), "Unknown nan_policy"),
+    ],
+)
+def test_bad_arguments(pipe, low_res, static, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(pipe, low_res, static, **kwargs)
+
+
+def test_member_dim_clash_and_wrong_input_type(pipe, low_res, static):
+    with pytest.raises(ValueError, match="already has a 'member' dimension"):
+        run(pipe, low_res.rename(time="member"), static)
+    with pytest.raises(TypeError, match="low_res must be"):
+        run(pipe, [1, 2, 3], static)

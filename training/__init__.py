@@ -1,0 +1,1 @@
+"""Accelerate training and fine-tuning scripts (installed as ``dpdm_diffusers.training``)."""
