@@ -1,9 +1,10 @@
 """Regular lat/lon grids: coordinate conventions, validation, refinement and interpolation.
 
 Pure numpy/scipy (no file I/O). Interpolation uses :class:`scipy.interpolate.RegularGridInterpolator`
-(linear = bilinear, cubic = bicubic spline) after padding the coarse grid by two cells, wrapping in
-longitude on global grids and repeating the edge elsewhere, so every fine cell centre is inside the
-padded grid (a fine grid refined from a coarse one reaches half a coarse cell beyond its outer centres).
+(linear = bilinear, cubic = bicubic spline) after padding the coarse grid by two cells (wrapping in
+longitude on global grids, odd reflection elsewhere so the spline keeps the edge gradient). A fine grid
+refined from a coarse one reaches half a coarse cell beyond the outer coarse centres; there values are
+held at the edge value (as ``torch`` ``align_corners=False`` does), never extrapolated.
 """
 
 from __future__ import annotations
@@ -140,10 +141,11 @@ def interpolate(values: np.ndarray, src: Grid, dst: Grid, method: str = "bilinea
     dlat, dlon = src.dlat, src.dlon
     lat_p = np.concatenate([lat[0] - dlat * np.arange(pad, 0, -1), lat, lat[-1] + dlat * np.arange(1, pad + 1)])
     lon_p = np.concatenate([lon[0] - dlon * np.arange(pad, 0, -1), lon, lon[-1] + dlon * np.arange(1, pad + 1)])
-    lon_mode = "wrap" if src.periodic else "edge"
+    # odd reflection continues the local gradient, so the cubic spline stays exact for linear fields
+    edge = dict(mode="reflect", reflect_type="odd")
     width = [(0, 0)] * (values.ndim - 2)
-    v = np.pad(values, width + [(pad, pad), (0, 0)], mode="edge")
-    v = np.pad(v, width + [(0, 0), (pad, pad)], mode=lon_mode)
+    v = np.pad(values, width + [(pad, pad), (0, 0)], **edge)
+    v = np.pad(v, width + [(0, 0), (pad, pad)], **({"mode": "wrap"} if src.periodic else edge))
 
     tlat = np.clip(dst.lat, lat[0], lat[-1])  # hold at the edge beyond the outer centres
     tlon = _unwrap_lon(dst.lon, lon_p) if src.periodic else np.clip(dst.lon, lon[0], lon[-1])
