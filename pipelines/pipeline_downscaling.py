@@ -42,6 +42,7 @@ EXAMPLE_DOC_STRING = """
 
 OUTPUT_TYPES = ("xarray", "np", "pt")
 NAN_POLICIES = ("raise", "mask")
+OBJECTIVES = ("diffusion", "regression")
 
 
 @dataclass
@@ -93,6 +94,9 @@ class DownscalingPipeline(DiffusionPipeline):
         patch_size (`int`): tile size in high-res pixels the UNet was trained on.
         prediction (`str`): ``"residual"`` (high-res minus interpolated low-res) or ``"full"``.
         interpolation (`str`): ``"bilinear"`` or ``"bicubic"`` interpolation of the low-res input.
+        objective (`str`): ``"diffusion"`` (the UNet predicts noise; sampled with the scheduler) or
+            ``"regression"`` (a deterministic baseline: one UNet pass at ``t = 0`` on zero noise predicts the
+            target directly; every member is that same field and the spread is zero).
     """
 
     model_cpu_offload_seq = "unet"
@@ -114,6 +118,7 @@ class DownscalingPipeline(DiffusionPipeline):
         patch_size: int | None = None,
         prediction: str = "residual",
         interpolation: str = "bilinear",
+        objective: str = "diffusion",
     ):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
@@ -135,6 +140,7 @@ class DownscalingPipeline(DiffusionPipeline):
             patch_size=int(patch_size if patch_size is not None else unet.config.sample_size),
             prediction=prediction,
             interpolation=interpolation,
+            objective=objective,
         )
         self.normalizer = Normalizer.from_config(config)  # validates lengths, transforms, prediction
         self._check_components(unet, config)
@@ -152,6 +158,8 @@ class DownscalingPipeline(DiffusionPipeline):
         factor = 2 ** (len(unet.config.block_out_channels) - 1)
         if config["patch_size"] % factor:
             raise ValueError(f"patch_size {config['patch_size']} is not divisible by the UNet's downsampling factor {factor}.")
+        if config["objective"] not in OBJECTIVES:
+            raise ValueError(f"Unknown objective {config['objective']!r}; expected one of {OBJECTIVES}.")
         if config["scale_factor"] < 1:
             raise ValueError(f"scale_factor must be >= 1, got {config['scale_factor']}.")
         if config["interpolation"] not in INTERPOLATIONS:
@@ -546,12 +554,21 @@ class DownscalingPipeline(DiffusionPipeline):
         # 5. Initial noise: one generator stream per (member, batch entry) row, so a member's field never
         #    depends on batch_size, num_members or tiling. Rows are member-major: row = k * B + b.
         seeds = self._member_seeds(generator, num_members)
+        if cfg.objective == "regression":
+            seeds = seeds[:1]  # every member of a deterministic model is the same field: compute it once
         num_vars = self.unet.config.out_channels
         row_gens = [torch.Generator().manual_seed(s + b) for s in seeds for b in range(num_batch)]
         num_rows = len(row_gens)
         latents = torch.cat([torch.randn((1, num_vars, canvas_h, canvas_w), generator=g) for g in row_gens])
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = (latents * self.scheduler.init_noise_sigma).to(device)
+        regression = cfg.objective == "regression"
+        if regression:  # deterministic baseline: a single pass on zero noise at t = 0
+            latents = torch.zeros_like(latents)
+            timesteps = torch.zeros(1, dtype=torch.long, device=device)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            latents = latents * self.scheduler.init_noise_sigma
+            timesteps = self.scheduler.timesteps
+        latents = latents.to(device)
         extra_step_kwargs = self._extra_step_kwargs(row_gens, eta)
 
         # 6. Denoising loop: all tiles of all rows through the UNet in batches, fused on the canvas at every
@@ -560,10 +577,9 @@ class DownscalingPipeline(DiffusionPipeline):
         pair_tiles = torch.arange(n_tiles).repeat(num_rows)
         pair_cond = (pair_rows % num_batch) * n_tiles + pair_tiles
         unet_dtype = self.unet.dtype
-        timesteps = self.scheduler.timesteps
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for t in timesteps:
-                model_in = self.scheduler.scale_model_input(latents, t)
+                model_in = latents if regression else self.scheduler.scale_model_input(latents, t)
                 acc = torch.zeros(num_rows, num_vars, canvas_h * canvas_w, device=device)
                 for start in range(0, len(pair_rows), batch_size):
                     rows = pair_rows[start : start + batch_size]
@@ -573,14 +589,18 @@ class DownscalingPipeline(DiffusionPipeline):
                     eps = self.unet(inp.to(unet_dtype), t).sample
                     tiler.accumulate(acc, eps.float(), rows, tiles)
                 model_output = tiler.normalize(acc)
-                latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
+                if regression:
+                    latents = model_output
+                else:
+                    latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
                 progress_bar.update()
 
         # 7. Back to physical units on the target grid
         latents = latents[..., :height, :width].float().cpu()
-        lerp_norm_rows = lerp_norm.repeat(num_members, 1, 1, 1)
+        lerp_norm_rows = lerp_norm.repeat(len(seeds), 1, 1, 1)
         members = norm.from_model_space(latents, lerp_norm_rows)
-        members = members.reshape(num_members, num_batch, num_vars, height, width)
+        members = members.reshape(len(seeds), num_batch, num_vars, height, width)
+        members = members.expand(num_members, -1, -1, -1, -1).contiguous()
         if invalid is not None:
             members = members.masked_fill(torch.from_numpy(invalid)[None], float("nan"))
         self.maybe_free_model_hooks()
@@ -588,7 +608,9 @@ class DownscalingPipeline(DiffusionPipeline):
         # 8. Package
         if output_type == "xarray":
             info = {
-                "scheduler": type(self.scheduler).__name__, "num_inference_steps": num_inference_steps,
+                "objective": cfg.objective,
+                "scheduler": "none" if regression else type(self.scheduler).__name__,
+                "num_inference_steps": 1 if regression else num_inference_steps,
                 "num_members": num_members, "model": str(getattr(self, "name_or_path", "") or ""),
                 "scale_factor": cfg.scale_factor, "patch_size": patch,
             }

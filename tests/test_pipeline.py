@@ -418,3 +418,27 @@ def test_member_dim_clash_and_wrong_input_type(pipe, low_res, static):
         run(pipe, low_res.rename(time="member"), static)
     with pytest.raises(TypeError, match="low_res must be"):
         run(pipe, [1, 2, 3], static)
+
+
+def test_regression_objective_is_one_deterministic_pass(low_res, static, tmp_path):
+    pipe = make_pipeline()
+    pipe.register_to_config(objective="regression")
+    calls = []
+    original = pipe.unet.forward
+
+    def counting(sample, timestep, *a, **k):
+        calls.append(int(timestep))
+        assert sample[:, :1].abs().max() == 0  # zero noise in the sample channels
+        return original(sample, timestep, *a, **k)
+
+    pipe.unet.forward = counting
+    out = run(pipe, low_res, static, num_members=3, num_inference_steps=25, seed=0)
+    assert set(calls) == {0} and len(calls) == 1  # 2 times x 1 tile in one batch, once
+    m = out.members.tas.values
+    np.testing.assert_array_equal(m[0], m[2])
+    assert float(out.std.tas.max()) == 0.0 and out.members.attrs["dpdm_objective"] == "regression"
+    other = run(pipe, low_res, static, num_members=1, seed=7).members.tas.values
+    np.testing.assert_array_equal(other[0], m[0])  # the seed plays no role
+    pipe.unet.forward = original
+    pipe.save_pretrained(tmp_path)
+    assert DownscalingPipeline.from_pretrained(tmp_path).config.objective == "regression"

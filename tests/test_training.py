@@ -1,0 +1,151 @@
+"""train_dpdm: few-step runs end in loadable pipelines; resume (also after SIGKILL); regression; fine-tune;
+two CPU processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from safetensors.torch import load_file
+
+from dpdm_diffusers import DownscalingPipeline
+from dpdm_diffusers.training.train_dpdm import COMPLETE_MARKER, list_checkpoints, main
+
+
+@pytest.fixture(scope="module")
+def high_res_file(tmp_path_factory):
+    """8 monthly 32x32 fields at 0.25 deg with fine-scale structure a 4x block mean loses."""
+    rng = np.random.default_rng(0)
+    lat = 20 + 0.25 * (np.arange(32) + 0.5)
+    lon = 100 + 0.25 * (np.arange(32) + 0.5)
+    yy, xx = np.meshgrid(lat, lon, indexing="ij")
+    fields = [285 + 3 * np.sin(yy * 3 + k) + 2 * np.cos(xx * 5) + rng.normal(0, 0.3, yy.shape) for k in range(8)]
+    ds = xr.Dataset(
+        {"tas": (("time", "lat", "lon"), np.stack(fields).astype("float32"), {"units": "K"})},
+        coords={"time": np.array([f"2001-{m:02d}-01" for m in range(1, 9)], dtype="datetime64[ns]"), "lat": lat, "lon": lon},
+    )
+    path = tmp_path_factory.mktemp("data") / "tas.nc"
+    ds.to_netcdf(path)
+    return path
+
+
+def args(path, out, *extra):
+    return [
+        "--high_res", str(path), "--scale_factor", "4", "--static_channels=", "--unet_preset", "tiny",
+        "--patch_size", "16", "--train_batch_size", "4", "--max_train_steps", "4", "--lr_warmup_steps", "0",
+        "--train_time", "2001-01,2001-06", "--validation_time", "2001-07,2001-08",
+        "--validation_members", "2", "--validation_inference_steps", "2", "--validation_steps", "0",
+        "--checkpointing_steps", "2", "--report_to", "none", "--output_dir", str(out), *extra,
+    ]
+
+
+def unet_weights(folder) -> dict:
+    return load_file(Path(folder) / "unet" / "diffusion_pytorch_model.safetensors")
+
+
+def test_few_step_training_ends_in_a_loadable_pipeline_with_a_card(high_res_file, tmp_path):
+    out = main(args(high_res_file, tmp_path / "run", "--checkpoints_total_limit", "1"))
+    pipe = DownscalingPipeline.from_pretrained(out)
+    assert list(pipe.config.variables) == ["tas"] and pipe.config.objective == "diffusion"
+    assert 270 < pipe.config.norm_mean[0] < 300 and pipe.config.residual_std[0] > 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---") and "library_name: diffusers" in card and "steps: 4" in card
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["global_step"] == 4 and summary["val_rmse_lerp"] > 0 and np.isfinite(summary["val_rmse_mean"])
+    assert [s for s, _ in list_checkpoints(out)] == [4]  # total limit 1 keeps the newest only
+    pipe.set_progress_bar_config(disable=True)
+    low = xr.open_dataset(high_res_file).coarsen(lat=4, lon=4).mean().isel(time=[0])
+    res = pipe(low, num_members=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert res.members.tas.shape == (2, 1, 32, 32) and np.isfinite(res.members.tas.values).all()
+
+
+def test_resumed_run_matches_an_uninterrupted_one(high_res_file, tmp_path):
+    full = main(args(high_res_file, tmp_path / "full", "--validation_time="))
+    part = tmp_path / "part"
+    main(args(high_res_file, part, "--validation_time=", "--stop_after_steps", "2"))
+    assert [s for s, _ in list_checkpoints(part)] == [2] and not (part / "model_index.json").exists()
+    main(args(high_res_file, part, "--validation_time=", "--resume_from_checkpoint", "latest"))
+    a, b = unet_weights(full), unet_weights(part)
+    for k in a:  # optimizer, LR schedule, EMA, RNG and data position all restored
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_regression_objective_trains_the_same_unet_deterministically(high_res_file, tmp_path):
+    out = main(args(high_res_file, tmp_path / "reg", "--objective", "regression"))
+    pipe = DownscalingPipeline.from_pretrained(out)
+    assert pipe.config.objective == "regression"
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert np.isfinite(summary["val_rmse_mean"])
+    assert summary["val_rmse_member0"] == pytest.approx(summary["val_rmse_mean"])  # no spread
+
+
+def test_fine_tune_from_a_saved_model_keeps_or_recomputes_statistics(high_res_file, tmp_path):
+    base = main(args(high_res_file, tmp_path / "base"))
+    shifted = tmp_path / "shifted.nc"
+    ds = xr.open_dataset(high_res_file)
+    (ds + 10).assign_attrs(ds.attrs).pipe(lambda d: d.assign(tas=d.tas.assign_attrs(units="K"))).to_netcdf(shifted)
+    kept = main(args(shifted, tmp_path / "ft", "--init_from", str(base), "--learning_rate", "1e-5", "--max_train_steps", "2"))
+    base_cfg, ft_cfg = DownscalingPipeline.from_pretrained(base).config, DownscalingPipeline.from_pretrained(kept).config
+    assert ft_cfg.norm_mean == base_cfg.norm_mean
+    assert f"base_model: {base}" in (kept / "README.md").read_text()
+    w0, w1 = unet_weights(base), unet_weights(kept)
+    assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # it did train
+    redo = main(args(shifted, tmp_path / "ft2", "--init_from", str(base), "--max_train_steps", "2",
+                     "--recompute_statistics", "true"))
+    assert DownscalingPipeline.from_pretrained(redo).config.norm_mean[0] == pytest.approx(base_cfg.norm_mean[0] + 10, abs=0.01)
+
+
+def test_sigkill_mid_run_then_resume_reaches_the_final_step(high_res_file, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "dpdm_diffusers.training.train_dpdm",
+           *args(high_res_file, out, "--max_train_steps", "400", "--checkpointing_steps", "5", "--validation_time=")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not list_checkpoints(out):
+            time.sleep(0.2)
+        assert list_checkpoints(out), "no checkpoint appeared"
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    done = list_checkpoints(out)
+    assert done and done[-1][0] < 400
+    # a half-written checkpoint (no completion marker) must never be taken as the latest
+    fake = out / "checkpoint-399"
+    fake.mkdir()
+    (fake / "random_states_0.pkl").write_text("garbage")
+    assert list_checkpoints(out)[-1][0] == done[-1][0]
+    result = main(args(high_res_file, out, "--max_train_steps", "400", "--checkpointing_steps", "5",
+                       "--validation_time=", "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "2"))
+    summary = json.loads((result / "training_summary.json").read_text())
+    assert summary["global_step"] == 400
+    assert all((p / COMPLETE_MARKER).exists() for _, p in list_checkpoints(out))
+    assert DownscalingPipeline.from_pretrained(result).config.variables == ["tas"]
+
+
+def test_two_cpu_processes_see_different_data_and_save_one_model(high_res_file, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "dpdm_diffusers.training.train_dpdm", *args(high_res_file, out, "--validation_time=")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["num_processes"] == 2
+    crops = summary["first_crops_per_process"]
+    assert len(crops) == 2 and crops[0] != crops[1]
+    assert DownscalingPipeline.from_pretrained(out).config.variables == ["tas"]
