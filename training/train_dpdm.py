@@ -148,8 +148,17 @@ def load_pairs(cfg: TrainingConfig):
     if cfg.dataset == "glosea4-ts-x4":
         from dpdm_diffusers import glosea4
 
-        bench = glosea4.load_benchmark()
-        return bench.pairs(), bench.static, bench.train, bench.validation, bench.describe()
+        bench = glosea4.load_glosea4_benchmark(static=bool(cfg.static_channels))
+        pairs = data.PairedData(bench.high_res, bench.low_res, bench.scale_factor)
+        split = {k: {"time": slice(*v)} for k, v in glosea4.SPLITS.items()}
+        describe = {
+            "source": "GloSea4 surface_temperature, 13 members x 6 months (iris-sample-data, Open Government Licence)",
+            "benchmark": f"{glosea4.NAME} (DATA.md): 144x192 N96 truth, 4x4 block-mean low-res 36x48",
+            "train": "2011-08 .. 2011-11 (52 fields)", "validation": "2011-12 (13 fields)", "test": "2012-01 (13 fields)",
+            "static fields": "topography (pvlib Altitude.h5) and land fraction (global-land-mask), area-averaged",
+        }
+        static = bench.static[cfg.static_channels] if bench.static is not None else None
+        return pairs, static, split["train"], split["validation"], describe
     if cfg.dataset != "files":
         raise ValueError(f"Unknown dataset {cfg.dataset!r}; use 'files' or 'glosea4-ts-x4'.")
     if not cfg.high_res:
