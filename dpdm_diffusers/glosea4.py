@@ -1,0 +1,227 @@
+"""The ``glosea4-ts-x4`` benchmark: real GloSea4 surface temperature, 4x downscaling (see DATA.md).
+
+One job: load the benchmark exactly as DATA.md defines it.
+
+* Source: ``iris_sample_data/sample_data/GloSea4/ensemble_0NN.pp`` (package ``iris-sample-data``,
+  Open Government Licence), read with ``scitools-iris``: 13 ensemble members (``006`` is absent) x 6
+  monthly means (2011-08 .. 2012-01) of ``surface_temperature`` (K) on the UM N96 grid, 145 x 192.
+* High-res truth: cropped to 144 x 192 by dropping the North Pole row (latitude -90 .. 88.75, ascending;
+  longitude 0 .. 358.125, periodic).
+* Low-res input: 4 x 4 block mean, 36 x 48 (:func:`dpdm_diffusers.data.coarsen`).
+* Splits by month: train = 2011-08 .. 2011-11 (52 fields), validation = 2011-12 (13), test = 2012-01 (13).
+* Static fields: topography and land fraction on the 144 x 192 grid (:func:`get_static_fields`).
+
+Data are returned as ``xr.Dataset`` with dims ``(member, time, lat, lon)``: ``member`` is the file
+number (0..13 without 6), ``time`` the middle of each monthly mean. Training code flattens
+``member x time`` into samples (:func:`dpdm_diffusers.samples.normalize_fields` does).
+
+Run ``python -m dpdm_diffusers.glosea4`` to print the benchmark summary and the Lerp (bilinear)
+RMSE of the test month, globally and in the report regions.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .data import coarsen, regrid, select_box, select_time
+from .grids import Grid
+
+__all__ = [
+    "NAME",
+    "VARIABLE",
+    "SCALE_FACTOR",
+    "SPLITS",
+    "REGIONS",
+    "glosea4_dir",
+    "load_glosea4",
+    "GloSea4Benchmark",
+    "load_glosea4_benchmark",
+    "lerp_rmse",
+]
+
+NAME = "glosea4-ts-x4"
+VARIABLE = "surface_temperature"
+SCALE_FACTOR = 4
+SPLITS = {
+    "train": ("2011-08", "2011-11"),
+    "validation": ("2011-12", "2011-12"),
+    "test": ("2012-01", "2012-01"),
+}
+# Report regions of DATA.md as ``select_box`` arguments: lat (south, north), lon (west, east).
+REGIONS = {
+    "global": None,
+    "east_asia": {"lat": (10.0, 55.0), "lon": (100.0, 150.0)},
+    "gulf_coast": {"lat": (20.0, 35.0), "lon": (-100.0, -80.0)},
+    "northern_australia": {"lat": (-20.0, -10.0), "lon": (120.0, 150.0)},
+}
+_EXTRA = "pip install 'dpdm-diffusers[data]'"
+
+
+def glosea4_dir() -> Path:
+    """Folder of the GloSea4 ``.pp`` files inside the installed ``iris-sample-data`` package."""
+    try:
+        import iris_sample_data
+    except ImportError as err:
+        raise ImportError(f"The GloSea4 benchmark needs `iris-sample-data`; install the data extra: {_EXTRA}") from err
+    path = Path(iris_sample_data.__file__).parent / "sample_data" / "GloSea4"
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} not found; reinstall iris-sample-data ({_EXTRA}).")
+    return path
+
+
+@lru_cache(maxsize=2)
+def _read_members(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict]:
+    """Raw arrays (members, times, lat, lon, values, attrs) read once per process with iris."""
+    try:
+        import iris
+    except ImportError as err:
+        raise ImportError(f"Reading GloSea4 needs `scitools-iris`; install the data extra: {_EXTRA}") from err
+    files = sorted(Path(path).glob("ensemble_*.pp"))
+    if not files:
+        raise FileNotFoundError(f"No ensemble_*.pp files in {path}.")
+    members, values, times, lat, lon, attrs = [], [], None, None, None, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # iris date-precision FutureWarnings
+        for f in files:
+            cube = iris.load_cube(str(f), VARIABLE)
+            cube = cube.copy()
+            t = cube.coord("time")
+            tt = np.array([np.datetime64(d, "s") for d in t.units.num2pydate(t.points)])
+            if times is None:
+                times, attrs = tt, {"units": str(cube.units), "source": str(cube.attributes.get("source", ""))}
+                lat = np.asarray(cube.coord("latitude").points, dtype=np.float64)
+                lon = np.asarray(cube.coord("longitude").points, dtype=np.float64)
+            elif not np.array_equal(tt, times):
+                raise ValueError(f"{f.name} has different time steps from the other members.")
+            dims = [c.name() for c in cube.dim_coords]
+            if dims != ["time", "latitude", "longitude"]:
+                raise ValueError(f"Unexpected dimensions {dims} in {f.name}.")
+            data = cube.data
+            values.append(np.ma.filled(np.ma.asarray(data, dtype=np.float32), np.nan))
+            members.append(int(re.search(r"(\d+)", f.stem).group(1)))
+    out = (np.array(members), times, lat, lon, np.stack(values), attrs)
+    for a in out[:5]:
+        a.flags.writeable = False
+    return out
+
+
+def load_glosea4(path: str | os.PathLike | None = None) -> xr.Dataset:
+    """All 13 x 6 GloSea4 fields on the native 145 x 192 grid, dims ``(member, time, lat, lon)``, in K."""
+    path = Path(path) if path is not None else glosea4_dir()
+    members, times, lat, lon, values, attrs = _read_members(str(path))
+    da = xr.DataArray(
+        np.array(values),  # a writable copy of the cached arrays
+        dims=("member", "time", "lat", "lon"),
+        coords={
+            "member": ("member", members.copy(), {"long_name": "ensemble member (file number)"}),
+            "time": ("time", times.astype("datetime64[ns]"), {"long_name": "middle of the monthly mean"}),
+            "lat": ("lat", lat.copy(), {"units": "degrees_north", "standard_name": "latitude"}),
+            "lon": ("lon", lon.copy(), {"units": "degrees_east", "standard_name": "longitude"}),
+        },
+        attrs={"units": attrs["units"], "standard_name": VARIABLE, "long_name": "surface temperature (monthly mean)"},
+    )
+    return xr.Dataset({VARIABLE: da}, attrs={"source": f"GloSea4 via iris-sample-data; {attrs['source']}"})
+
+
+@dataclass
+class GloSea4Benchmark:
+    """The ``glosea4-ts-x4`` benchmark: truth, low-res input and static fields, with month splits.
+
+    ``high_res`` (144 x 192) and ``low_res`` (36 x 48) hold all six months; :meth:`split` selects one
+    split from both. ``static`` is ``None`` when loaded with ``static=False``.
+    """
+
+    high_res: xr.Dataset
+    low_res: xr.Dataset
+    static: xr.Dataset | None
+    scale_factor: int = SCALE_FACTOR
+    name: str = NAME
+
+    @property
+    def grid(self) -> Grid:
+        return Grid.from_xarray(self.high_res)
+
+    @property
+    def coarse_grid(self) -> Grid:
+        return Grid.from_xarray(self.low_res)
+
+    @property
+    def variables(self) -> list[str]:
+        return [VARIABLE]
+
+    def split(self, name: str) -> tuple[xr.Dataset, xr.Dataset]:
+        """``(high_res, low_res)`` of ``"train"``, ``"validation"`` or ``"test"``."""
+        if name not in SPLITS:
+            raise KeyError(f"Unknown split {name!r}; expected one of {tuple(SPLITS)}.")
+        return select_time(self.high_res, SPLITS[name]), select_time(self.low_res, SPLITS[name])
+
+    def lerp(self, split: str, method: str = "bilinear") -> xr.Dataset:
+        """Low-res of ``split`` interpolated to the 144 x 192 grid with :func:`grids.interpolate`."""
+        return regrid(self.split(split)[1], self.grid, method=method)
+
+
+def load_glosea4_benchmark(path: str | os.PathLike | None = None, *, static: bool = True) -> GloSea4Benchmark:
+    """Build ``glosea4-ts-x4`` (see the module docstring); ``static=False`` skips the static fields."""
+    full = load_glosea4(path)
+    lat = full["lat"].values
+    if lat.size != 145 or not np.isclose(lat[-1], 90.0):
+        raise ValueError(f"Expected 145 latitudes ending at 90N, got {lat.size} ending at {lat[-1]}.")
+    high = full.isel(lat=slice(0, 144))  # drop the North Pole row: 144 = 4 x 36
+    low = coarsen(high, SCALE_FACTOR)
+    static_ds = None
+    if static:
+        from .static_fields import get_static_fields
+
+        static_ds = get_static_fields(Grid.from_xarray(high))
+    return GloSea4Benchmark(high_res=high, low_res=low, static=static_ds)
+
+
+def lerp_rmse(truth: xr.Dataset, lerp: xr.Dataset, region: str = "global", *, weighted: bool = False) -> float:
+    """RMSE of ``lerp`` against ``truth`` over all fields and grid points of a :data:`REGIONS` box.
+
+    ``weighted=True`` weights grid points by ``cos(latitude)`` (area); the default pools points equally.
+    """
+    box = REGIONS[region]
+    err = (lerp[VARIABLE] - truth[VARIABLE]) ** 2
+    if box is not None:
+        err = select_box(err, **box)
+    if weighted:
+        w = np.cos(np.deg2rad(err["lat"]))
+        return float(np.sqrt(err.weighted(w).mean()))
+    return float(np.sqrt(err.mean()))
+
+
+def _main() -> None:
+    import time
+
+    t0 = time.perf_counter()
+    bench = load_glosea4_benchmark(static=False)
+    print(f"{NAME}: high-res {dict(bench.high_res.sizes)}, low-res {dict(bench.low_res.sizes)}, "
+          f"loaded in {time.perf_counter() - t0:.1f} s")
+    for name in SPLITS:
+        h, _ = bench.split(name)
+        print(f"  {name:<10} {h.sizes['member'] * h.sizes['time']:>3} fields "
+              f"({', '.join(np.datetime_as_string(h['time'].values, unit='M'))})")
+    truth, _ = bench.split("test")
+    lerp = bench.lerp("test", "bilinear").compute()
+    print("\nLerp (bilinear, 36x48 block mean -> 144x192) RMSE on the test month 2012-01, K:")
+    print(f"  {'region':<20}{'unweighted':>12}{'cos(lat)':>12}{'points':>8}")
+    for region in REGIONS:
+        n = truth[VARIABLE].isel(member=0, time=0)
+        n = n if REGIONS[region] is None else select_box(n, **REGIONS[region])
+        print(f"  {region:<20}{lerp_rmse(truth, lerp, region):>12.3f}"
+              f"{lerp_rmse(truth, lerp, region, weighted=True):>12.3f}{n.size:>8}")
+    std = float(truth[VARIABLE].std())
+    print(f"  global unweighted RMSE / std of the test truth ({std:.2f} K): {lerp_rmse(truth, lerp) / std:.3f}")
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,0 +1,302 @@
+"""Evaluation figures (PNG): maps of truth / Lerp / members, skill against ensemble size, spectra.
+
+Uses matplotlib's object API with the Agg canvas (``matplotlib.figure.Figure`` +
+``FigureCanvasAgg``), so it needs no display, never touches pyplot's global state or the user's
+backend choice, and leaves no figures open. Every function writes one PNG and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["plot_maps", "plot_skill_vs_members", "plot_power_spectra"]
+
+_LAT = ("lat", "latitude", "nav_lat", "rlat", "y")
+_LON = ("lon", "longitude", "nav_lon", "rlon", "x")
+
+
+def _figure(figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def _field(a, what: str):
+    """(x, y, 2-D values, is_geographic) from a 2-D DataArray (lat, lon) or a 2-D numpy array."""
+    if hasattr(a, "dims"):
+        a = a.squeeze(drop=True)
+        if a.ndim != 2:
+            raise ValueError(
+                f"`{what}` must be a single 2-D (lat, lon) field, got dims {tuple(a.dims)}; "
+                "select one time/member first (e.g. `.isel(time=0)`)."
+            )
+        la = next((d for d in _LAT if d in a.dims), None)
+        lo = next((d for d in _LON if d in a.dims), None)
+        if la is not None and lo is not None:
+            a = a.transpose(la, lo)
+            return np.asarray(a[lo].values, float), np.asarray(a[la].values, float), np.asarray(a.values, float), True
+        v = np.asarray(a.values, float)
+    else:
+        v = np.asarray(a, float)
+        if v.ndim != 2:
+            raise ValueError(f"`{what}` must be 2-D, got shape {v.shape}.")
+    return np.arange(v.shape[1]), np.arange(v.shape[0]), v, False
+
+
+def _finite(*arrays) -> np.ndarray:
+    vals = np.concatenate([np.ravel(a) for a in arrays])
+    return vals[np.isfinite(vals)]
+
+
+def plot_maps(
+    truth,
+    lerp,
+    member,
+    mean,
+    spread,
+    path,
+    title: str | None = None,
+    units: str = "",
+    land_fraction=None,
+    cmap: str = "viridis",
+    spread_cmap: str = "magma",
+    error_cmap: str = "RdBu_r",
+    names: Sequence[str] = ("Truth", "Lerp", "One member", "Ensemble mean", "Ensemble spread", "Error of mean"),
+    dpi: int = 110,
+) -> Path:
+    """Six map panels: truth / Lerp / one member / ensemble mean / ensemble spread / mean - truth.
+
+    Each argument is one 2-D (lat, lon) field (DataArray, or a numpy array plotted on grid indices);
+    ``lerp`` or ``member`` may be ``None`` to leave that panel empty. The four field panels share one
+    colour scale (0.5-99.5 percentiles of their pooled finite values), the spread uses its own scale
+    from 0 and the error a symmetric diverging scale centred on 0; every colourbar is labelled
+    with ``units``. The error panel's title carries its RMSE. When ``land_fraction`` (a 2-D
+    DataArray in [0, 1], on any grid) is given, its 0.5 contour is drawn on every panel.
+    Masked (NaN) points are left blank.
+    """
+    from matplotlib.colors import Normalize, TwoSlopeNorm
+
+    x, y, t, geo = _field(truth, "truth")
+    fields = {"truth": t}
+    for key, arr in (("lerp", lerp), ("member", member), ("mean", mean), ("spread", spread)):
+        fields[key] = None if arr is None else _field(arr, key)[2]
+        if fields[key] is not None and fields[key].shape != t.shape:
+            raise ValueError(f"`{key}` has shape {fields[key].shape}, truth has {t.shape}.")
+    if fields["mean"] is None or fields["spread"] is None:
+        raise ValueError("`mean` and `spread` are required.")
+    err = fields["mean"] - t
+
+    pooled = _finite(*(fields[k] for k in ("truth", "lerp", "member", "mean") if fields[k] is not None))
+    vmin, vmax = (np.percentile(pooled, [0.5, 99.5]) if pooled.size else (0.0, 1.0))
+    if vmax <= vmin:
+        vmax = vmin + 1.0
+    field_norm = Normalize(vmin, vmax)
+    sp = _finite(fields["spread"])
+    spread_norm = Normalize(0.0, max(float(np.percentile(sp, 99.5)) if sp.size else 1.0, 1e-12))
+    e = _finite(err)
+    emax = max(float(np.percentile(np.abs(e), 99.5)) if e.size else 1.0, 1e-12)
+    err_norm = TwoSlopeNorm(0.0, -emax, emax)
+    rmse = float(np.sqrt(np.mean(e**2))) if e.size else np.nan
+
+    ny, nx = t.shape
+    if geo and np.ptp(y) > 0 and np.ptp(x) > 0:
+        aspect = (np.ptp(x) * nx / max(nx - 1, 1)) / (np.ptp(y) * ny / max(ny - 1, 1))
+    else:
+        aspect = nx / ny
+    panel_w = 4.2
+    fig = _figure((3 * (panel_w + 0.8), 2 * panel_w / max(min(aspect, 3.0), 0.5) + 1.0))
+    axes = fig.subplots(2, 3, sharex=True, sharey=True)
+    panels = [
+        (names[0], fields["truth"], cmap, field_norm, units),
+        (names[1], fields["lerp"], cmap, field_norm, units),
+        (names[2], fields["member"], cmap, field_norm, units),
+        (names[3], fields["mean"], cmap, field_norm, units),
+        (names[4], fields["spread"], spread_cmap, spread_norm, units),
+        (f"{names[5]} (RMSE {rmse:.3g}{' ' + units if units else ''})", err, error_cmap, err_norm, units),
+    ]
+    lf = _field(land_fraction, "land_fraction") if land_fraction is not None else None
+    for ax, (name, val, cm, norm, un) in zip(axes.flat, panels):
+        ax.set_title(name, fontsize=11)
+        if val is None:
+            ax.text(0.5, 0.5, "not given", ha="center", va="center", transform=ax.transAxes, color="0.5")
+        else:
+            m = ax.pcolormesh(x, y, np.ma.masked_invalid(val), cmap=cm, norm=norm, shading="auto")
+            cb = fig.colorbar(m, ax=ax, shrink=0.9, pad=0.02)
+            cb.set_label(un, fontsize=9)
+            cb.ax.tick_params(labelsize=8)
+        if lf is not None:
+            ax.contour(lf[0], lf[1], lf[2], levels=[0.5], colors="k", linewidths=0.6)
+        ax.tick_params(labelsize=8)
+        if geo:
+            ax.set_aspect("equal", adjustable="box")
+    for ax in axes[-1, :]:
+        ax.set_xlabel("longitude (deg E)" if geo else "x (grid index)", fontsize=9)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("latitude (deg N)" if geo else "y (grid index)", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=13)
+    return _save(fig, path, dpi)
+
+
+def _skill_curves(data, metrics):
+    """-> {metric: {label: (n_members array, values array)}}."""
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    if hasattr(data, "columns"):  # tidy DataFrame
+        df = data
+        if "members" not in df.columns or "value" not in df.columns:
+            raise ValueError("DataFrame needs columns `members` and `value` (and `metric`; optional `region`, `variable`).")
+        if "metric" not in df.columns:
+            df = df.assign(metric="score")
+        label_cols = [c for c in ("region", "variable") if c in df.columns and df[c].nunique() > 1]
+        for metric, g in df.groupby("metric", sort=False):
+            groups = g.groupby(label_cols, sort=False) if label_cols else [("", g)]
+            for key, h in groups:
+                key = key if isinstance(key, tuple) else (key,)
+                label = " ".join(str(k) for k in key if k != "") or str(metric)
+                h = h.sort_values("members")
+                curves.setdefault(str(metric), {})[label] = (
+                    h["members"].to_numpy(float),
+                    h["value"].to_numpy(float),
+                )
+    elif isinstance(data, Mapping):
+        first = next(iter(data.values()), None)
+        if isinstance(first, Mapping):  # {metric: {n: value}}
+            items = data.items()
+        else:  # {n: value}
+            items = [("score", data)]
+        for metric, d in items:
+            n = np.array(sorted(d), dtype=float)
+            curves[str(metric)] = {str(metric): (n, np.array([d[k] for k in sorted(d)], dtype=float))}
+    else:
+        raise TypeError("Expected a pandas DataFrame or a dict.")
+    if metrics is not None:
+        curves = {m: curves[m] for m in metrics if m in curves}
+    if not curves:
+        raise ValueError("Nothing to plot.")
+    return curves
+
+
+def plot_skill_vs_members(
+    df_or_dict,
+    path,
+    metrics: Sequence[str] | None = None,
+    baselines: Mapping[str, float | Mapping[str, float]] | None = None,
+    title: str | None = None,
+    logx: bool = True,
+    dpi: int = 110,
+) -> Path:
+    """Score of the ensemble mean against the number of members, one panel per metric.
+
+    ``df_or_dict`` is one of
+
+    * a tidy DataFrame with columns ``members``, ``value``, ``metric`` (optionally ``region`` and/or
+      ``variable``: one line per region/variable);
+    * ``{metric: {n_members: value}}``;
+    * ``{n_members: value}`` (a single panel).
+
+    ``baselines`` draws horizontal reference lines, ``{label: value}`` (same value in every panel) or
+    ``{label: {metric: value}}`` (e.g. ``{"Lerp": {"RMSE": 1.87, "ACC": 0.81}}``).
+    """
+    curves = _skill_curves(df_or_dict, metrics)
+    n = len(curves)
+    ncols = min(n, 3)
+    nrows = int(np.ceil(n / ncols))
+    fig = _figure((4.3 * ncols, 3.4 * nrows + (0.4 if title else 0)))
+    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    styles = ["--", ":", "-.", (0, (5, 1))]
+    for ax, (metric, lines) in zip(axes, curves.items()):
+        for label, (xs, ys) in lines.items():
+            ax.plot(xs, ys, marker="o", label=label if len(lines) > 1 or baselines else None)
+        for i, (blabel, bval) in enumerate((baselines or {}).items()):
+            v = bval.get(metric) if isinstance(bval, Mapping) else bval
+            if v is not None and np.isfinite(v):
+                ax.axhline(v, color="0.35", ls=styles[i % len(styles)], lw=1.2, label=blabel)
+        if logx:
+            from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+
+            ax.set_xscale("log")
+            ticks = sorted({float(v) for xs, _ in lines.values() for v in xs if v > 0})
+            ax.xaxis.set_major_locator(FixedLocator(ticks))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("ensemble members", fontsize=10)
+        ax.set_ylabel(metric, fontsize=10)
+        ax.set_title(metric, fontsize=11)
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=13)
+    return _save(fig, path, dpi)
+
+
+def plot_power_spectra(
+    spectra: Mapping[str, object],
+    path,
+    title: str | None = None,
+    ylabel: str = "power",
+    dpi: int = 110,
+) -> Path:
+    """Radially averaged power spectra on log-log axes, one line per entry of ``spectra``.
+
+    Values are DataArrays from :func:`dpdm_diffusers.metrics.power_spectrum` (dim ``wavenumber``;
+    other dims are averaged) or ``(wavenumber, power)`` array pairs. An entry named like "truth"
+    is drawn in thick black. A top axis shows the wavelength (1 / wavenumber).
+    """
+    fig = _figure((6.4, 4.6))
+    ax = fig.subplots()
+    xunit = None
+    for label, s in spectra.items():
+        if hasattr(s, "dims"):
+            other = [d for d in s.dims if d != "wavenumber"]
+            if other:
+                s = s.mean(other)
+            k = np.asarray(s["wavenumber"].values, float)
+            p = np.asarray(s.values, float)
+            xunit = xunit or s["wavenumber"].attrs.get("units")
+        else:
+            k, p = (np.asarray(v, float) for v in s)
+        ok = (k > 0) & np.isfinite(p) & (p > 0)
+        is_truth = "truth" in str(label).lower()
+        ax.plot(
+            k[ok], p[ok], label=str(label),
+            color="k" if is_truth else None, lw=2.2 if is_truth else 1.4, zorder=3 if is_truth else 2,
+        )
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"wavenumber ({xunit})" if xunit else "wavenumber", fontsize=10)
+    ax.set_ylabel(ylabel, fontsize=10)
+    ax.grid(True, which="both", alpha=0.25)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    sec = ax.secondary_xaxis("top", functions=(_recip, _recip))
+    for axis in (ax.xaxis, sec.xaxis):
+        axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        axis.set_minor_formatter(NullFormatter())
+    sec.set_xlabel("wavelength (1 / wavenumber)", fontsize=9)
+    ax.legend(fontsize=9)
+    if title:
+        ax.set_title(title, fontsize=12)
+    return _save(fig, path, dpi)
+
+
+def _recip(x):
+    x = np.asarray(x, float)
+    with np.errstate(divide="ignore"):
+        return np.where(x != 0, 1.0 / np.where(x != 0, x, 1.0), np.inf)
