@@ -72,6 +72,7 @@ class TrainingConfig:
     mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
     use_ema: bool = True
     ema_decay: float = 0.999
+    ema_warmup: bool = True  # decay grows as 1 - (1 + step)^-3/4 up to ema_decay, so early weights fade fast
     seed: int = 0
     dataloader_num_workers: int = 0
     # checkpoints, validation, logging -----------------------------------------------------------
@@ -373,7 +374,8 @@ def main(argv=None) -> Path:
     noise_scheduler = default_scheduler()
     ema = None
     if cfg.use_ema:
-        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, model_cls=UNet2DModel, model_config=unet.config)
+        ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, inv_gamma=1.0,
+                       power=3 / 4, model_cls=UNet2DModel, model_config=unet.config)
 
     def save_model_hook(models, weights, out):
         if accelerator.is_main_process:
