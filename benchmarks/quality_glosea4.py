@@ -1,0 +1,45 @@
+"""Quality benchmark glosea4-ts-x4: evaluate a trained model on the test month (trains nothing).
+
+    python benchmarks/quality_glosea4.py --model models/dpdm-glosea4-ts-x4 \
+        --regression-model models/regression-glosea4-ts-x4 --members 1,10,33 --scheduler dpmsolver++ --steps 20
+
+Writes benchmarks/results/quality_glosea4.md and .json (Table 1 of the paper per region, plus CRPS,
+spread-skill and the training-climatology ACC) and the figures beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=str(ROOT / "models" / "dpdm-glosea4-ts-x4"))
+    ap.add_argument("--regression-model", default=str(ROOT / "models" / "regression-glosea4-ts-x4"))
+    ap.add_argument("--members", default="1,10,33")
+    ap.add_argument("--scheduler", default="dpmsolver++")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-fields", type=int, default=None)
+    ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = ap.parse_args()
+
+    from dpdm_diffusers.evaluation import evaluate_glosea4, write_report
+
+    reg = args.regression_model if Path(args.regression_model).exists() else None
+    result = evaluate_glosea4(
+        args.model, members=[int(m) for m in args.members.split(",")], baselines=("lerp", "bicubic"),
+        regression_model=reg, scheduler=args.scheduler, num_inference_steps=args.steps, seed=args.seed,
+        max_fields=args.max_fields,
+    )
+    figs = write_report(result, args.out_dir, command="python " + " ".join(sys.argv))
+    print(result.markdown)
+    print("figures:", figs)
+
+
+if __name__ == "__main__":
+    main()
