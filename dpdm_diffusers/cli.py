@@ -86,9 +86,12 @@ def evaluate(
     if benchmark != "glosea4-ts-x4":
         raise typer.BadParameter(f"unknown benchmark {benchmark!r}; available: glosea4-ts-x4")
     base = [b.strip() for b in baselines.split(",") if b.strip()]
-    reg = regression_model if "regression" in base and Path(regression_model).exists() else None
-    if "regression" in base and reg is None and not Path(regression_model).exists() and "/" in regression_model:
-        reg = regression_model  # a Hub id
+    unknown = sorted(set(base) - {"lerp", "bicubic", "regression"})
+    if unknown:
+        raise typer.BadParameter(f"unknown baselines {unknown}; use lerp, bicubic, regression")
+    # a regression baseline that is neither a local folder nor a Hub id (owner/name) is skipped
+    looks_like_hub_id = regression_model.count("/") == 1 and not regression_model.startswith((".", "/"))
+    reg = regression_model if "regression" in base and (Path(regression_model).exists() or looks_like_hub_id) else None
     result = evaluate_glosea4(model, members=_ints(members), baselines=base, regression_model=reg,
                               scheduler=scheduler, num_inference_steps=steps, seed=seed, max_fields=max_fields)
     figs = write_report(result, out_dir, command="dpdm " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
@@ -111,8 +114,8 @@ def demo(
     from dpdm_diffusers.io import write_dataset
 
     t0 = time.perf_counter()
-    if not Path(model).exists() and not ("/" in model and not Path(model).is_absolute()):
-        raise typer.BadParameter(f"model folder {model} not found")
+    if not Path(model).exists():
+        raise typer.BadParameter(f"model folder {model} not found (the demo runs offline on a local folder)")
     reg = str(DEFAULT_REGRESSION) if DEFAULT_REGRESSION.exists() else None
     result = evaluate_glosea4(model, members=(1, members), baselines=("lerp",), regression_model=reg,
                               scheduler=scheduler, num_inference_steps=steps, max_fields=max_fields,

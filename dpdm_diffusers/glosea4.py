@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .data import coarsen, regrid, select_box, select_time
+from .data import PairedData, coarsen, regrid, select_box, select_time
 from .grids import Grid
 
 __all__ = [
@@ -132,30 +132,16 @@ def load_glosea4(path: str | os.PathLike | None = None) -> xr.Dataset:
 
 
 @dataclass
-class GloSea4Benchmark:
+class GloSea4Benchmark(PairedData):
     """The ``glosea4-ts-x4`` benchmark: truth, low-res input and static fields, with month splits.
 
-    ``high_res`` (144 x 192) and ``low_res`` (36 x 48) hold all six months; :meth:`split` selects one
-    split from both. ``static`` is ``None`` when loaded with ``static=False``.
+    A :class:`~dpdm_diffusers.data.PairedData` (``high_res`` 144 x 192 and ``low_res`` 36 x 48 hold all
+    six months) plus ``static`` (``None`` when loaded with ``static=False``); :meth:`split` selects one
+    split from both.
     """
 
-    high_res: xr.Dataset
-    low_res: xr.Dataset
-    static: xr.Dataset | None
-    scale_factor: int = SCALE_FACTOR
+    static: xr.Dataset | None = None
     name: str = NAME
-
-    @property
-    def grid(self) -> Grid:
-        return Grid.from_xarray(self.high_res)
-
-    @property
-    def coarse_grid(self) -> Grid:
-        return Grid.from_xarray(self.low_res)
-
-    @property
-    def variables(self) -> list[str]:
-        return [VARIABLE]
 
     def split(self, name: str) -> tuple[xr.Dataset, xr.Dataset]:
         """``(high_res, low_res)`` of ``"train"``, ``"validation"`` or ``"test"``."""
@@ -181,7 +167,7 @@ def load_glosea4_benchmark(path: str | os.PathLike | None = None, *, static: boo
         from .static_fields import get_static_fields
 
         static_ds = get_static_fields(Grid.from_xarray(high))
-    return GloSea4Benchmark(high_res=high, low_res=low, static=static_ds)
+    return GloSea4Benchmark(high_res=high, low_res=low, scale_factor=SCALE_FACTOR, static=static_ds)
 
 
 def lerp_rmse(truth: xr.Dataset, lerp: xr.Dataset, region: str = "global", *, weighted: bool = False) -> float:

@@ -150,7 +150,7 @@ def load_pairs(cfg: TrainingConfig):
         from dpdm_diffusers import glosea4
 
         bench = glosea4.load_glosea4_benchmark(static=bool(cfg.static_channels))
-        pairs = data.PairedData(bench.high_res, bench.low_res, bench.scale_factor)
+        pairs = bench
         split = {k: {"time": slice(*v)} for k, v in glosea4.SPLITS.items()}
         describe = {
             "source": "GloSea4 surface_temperature, 13 members x 6 months (iris-sample-data, Open Government Licence)",
