@@ -41,7 +41,7 @@ def load_data():
 
         bench = load_glosea4_benchmark(static=True)
         high, _ = bench.split("train")
-        return high, bench.lerp("train").compute(), bench.static, "glosea4-ts-x4 train split (52 x 144 x 192, real)"
+        return high, bench.split_lerp("train").compute(), bench.static, "glosea4-ts-x4 train split (52 x 144 x 192, real)"
     except ImportError as err:
         print(f"data extra missing ({err}); using synthetic fields of the same size", file=sys.stderr)
     from dpdm_diffusers.data import coarsen, regrid

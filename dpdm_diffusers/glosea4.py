@@ -137,7 +137,7 @@ class GloSea4Benchmark(PairedData):
 
     A :class:`~dpdm_diffusers.data.PairedData` (``high_res`` 144 x 192 and ``low_res`` 36 x 48 hold all
     six months) plus ``static`` (``None`` when loaded with ``static=False``); :meth:`split` selects one
-    split from both.
+    split from both and :meth:`split_lerp` interpolates a split's low-res (``lerp()`` covers all months).
     """
 
     static: xr.Dataset | None = None
@@ -149,7 +149,7 @@ class GloSea4Benchmark(PairedData):
             raise KeyError(f"Unknown split {name!r}; expected one of {tuple(SPLITS)}.")
         return select_time(self.high_res, SPLITS[name]), select_time(self.low_res, SPLITS[name])
 
-    def lerp(self, split: str, method: str = "bilinear") -> xr.Dataset:
+    def split_lerp(self, split: str, method: str = "bilinear") -> xr.Dataset:
         """Low-res of ``split`` interpolated to the 144 x 192 grid with :func:`grids.interpolate`."""
         return regrid(self.split(split)[1], self.grid, method=method)
 
@@ -197,7 +197,7 @@ def _main() -> None:
         print(f"  {name:<10} {h.sizes['member'] * h.sizes['time']:>3} fields "
               f"({', '.join(np.datetime_as_string(h['time'].values, unit='M'))})")
     truth, _ = bench.split("test")
-    lerp = bench.lerp("test", "bilinear").compute()
+    lerp = bench.split_lerp("test", "bilinear").compute()
     print("\nLerp (bilinear, 36x48 block mean -> 144x192) RMSE on the test month 2012-01, K:")
     print(f"  {'region':<20}{'unweighted':>12}{'cos(lat)':>12}{'points':>8}")
     for region in REGIONS:

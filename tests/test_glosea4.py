@@ -41,7 +41,7 @@ def test_benchmark_grids_splits_and_low_res(bench):
 
 def test_lerp_rmse_on_the_test_month_matches_data_md(bench):
     truth, _ = bench.split("test")
-    lerp = bench.lerp("test", "bilinear").compute()
+    lerp = bench.split_lerp("test", "bilinear").compute()
     assert lerp.sizes == truth.sizes
     rmse = glosea4.lerp_rmse(truth, lerp)
     assert rmse == pytest.approx(1.871, abs=0.0015)  # DATA.md's reference figure
@@ -51,7 +51,7 @@ def test_lerp_rmse_on_the_test_month_matches_data_md(bench):
 
 def test_training_statistics_exclude_the_test_month(bench):
     h, _ = bench.split("train")
-    stats = compute_statistics(h, bench.lerp("train"))
+    stats = compute_statistics(h, bench.split_lerp("train"))
     ht, _ = bench.split("test")
     np.testing.assert_allclose(stats["norm_mean"][0], float(h["surface_temperature"].astype("f8").mean()), rtol=1e-9)
     assert abs(stats["norm_mean"][0] - float(ht["surface_temperature"].mean())) > 0.1
