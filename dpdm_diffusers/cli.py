@@ -132,6 +132,7 @@ def demo(
         result.truth.isel(one), result.lerp.isel(one), ens.isel(member=0, **one), ens.isel(**one).mean("member"),
         ens.isel(**one).std("member", ddof=1), out_dir / "demo.png",
         title=f"GloSea4 surface temperature 2012-01: DPDM x4, {members} members", units="K",
+        land_fraction=result.land_fraction,
     )
     typer.echo(result.markdown)
     typer.echo(f"\nwrote {nc} and {png}; demo took {time.perf_counter() - t0:.0f} s "

@@ -45,6 +45,7 @@ class EvaluationResult:
     members: xr.DataArray  # (member, realization, time, lat, lon)
     truth: xr.DataArray
     lerp: xr.DataArray
+    land_fraction: xr.DataArray | None = None  # drawn as the 0.5 contour on maps
     timings: dict = field(default_factory=dict)
     config: dict = field(default_factory=dict)
 
@@ -116,7 +117,8 @@ def evaluate_glosea4(
         "fields": int(y.sizes["realization"] * y.sizes["time"]), "benchmark": "glosea4-ts-x4 test month 2012-01",
         "member_labels": member_labels,
     }
-    return EvaluationResult(table=table, markdown=md, members=ens, truth=y, lerp=lerp, timings=timings, config=config)
+    return EvaluationResult(table=table, markdown=md, members=ens, truth=y, lerp=lerp, timings=timings, config=config,
+                            land_fraction=bench.static["land_sea_mask"] if "land_sea_mask" in bench.static else None)
 
 
 def write_report(result: EvaluationResult, out_dir: str | Path, name: str = "quality_glosea4", command: str = "") -> dict:
@@ -150,6 +152,7 @@ def write_report(result: EvaluationResult, out_dir: str | Path, name: str = "qua
         result.truth.isel(one), result.lerp.isel(one), ens.isel(member=0, **one), ens.isel(**one).mean("member"),
         ens.isel(**one).std("member", ddof=1) if ens.sizes["member"] > 1 else None,
         out / f"{name}_maps.png", title="GloSea4 surface temperature, 2012-01, realization 0", units="K",
+        land_fraction=result.land_fraction,
     )
     glob = result.table[result.table["region"] == "global"]
     labels = result.config["member_labels"]
