@@ -308,7 +308,7 @@ def main(argv=None) -> Path:
     cfg = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import UNet2DModel
+    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
@@ -443,8 +443,11 @@ def main(argv=None) -> Path:
         accelerator.init_trackers("dpdm", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
     def pipeline_from(model) -> DownscalingPipeline:
+        # DPM-Solver++ on the training schedule: the sampler chosen in benchmarks/results/samplers.md
+        # (DDPM with few steps is a poor validation sampler)
+        sampler = DPMSolverMultistepScheduler.from_config(default_scheduler().config, algorithm_type="dpmsolver++")
         pipe = DownscalingPipeline(
-            unet=model, scheduler=default_scheduler(), **stats, scale_factor=cfg.scale_factor,
+            unet=model, scheduler=sampler, **stats, scale_factor=cfg.scale_factor,
             patch_size=cfg.patch_size, prediction=cfg.prediction, interpolation=cfg.interpolation,
             objective=cfg.objective,
         )
