@@ -30,10 +30,14 @@ def set_scheduler(pipe, name: str):
     """Swap the pipeline's sampler by short name (``from_config`` keeps the trained noise schedule)."""
     import diffusers
 
+    from dpdm_diffusers.pipelines.pipeline_downscaling import MIN_CLIP_RANGE
+
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; expected one of {tuple(SCHEDULERS)}.")
     cls = getattr(diffusers, SCHEDULERS[name])
     kwargs = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    if name == "ddpm":  # all 1000 steps visit t = 999, where the x0 prediction blows up unless clipped wide
+        kwargs = {"clip_sample": True, "clip_sample_range": MIN_CLIP_RANGE}
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)
     return pipe
 

@@ -5,6 +5,11 @@ A conditional diffusion model turns a coarse field into an ensemble of fine fiel
 ``[noisy sample, interpolated low-res field, static fields]`` at every step; the domain is covered by
 overlapping tiles of the model's patch size that are fused on one canvas at *every* step, so any
 domain size works and there are no seams; members x tiles go through the UNet in batches.
+
+With an optional ``regression_unet`` the pipeline is a two-stage "regression + residual diffusion" model
+(CorrDiff, Mardani et al. 2024): a deterministic UNet predicts the conditional mean in one pass and the
+diffusion UNet samples only what the mean misses, scaled by ``stochastic_std``. The ensemble mean then
+starts from the regression's skill instead of having to be learnt by the (slower to train) diffusion model.
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ EXAMPLE_DOC_STRING = """
 OUTPUT_TYPES = ("xarray", "np", "pt")
 NAN_POLICIES = ("raise", "mask")
 OBJECTIVES = ("diffusion", "regression")
+# x0 clipping is allowed only this wide (in model-space stds; real data stays within about +-14): enough to
+# stop the blow-up of the x0 prediction at t ~ T of the cosine schedule (alpha_bar_999 = 2e-9) that
+# makes unclipped 1000-step DDPM diverge, without touching the data (benchmarks/results/samplers.md)
+MIN_CLIP_RANGE = 10.0
 
 
 @dataclass
@@ -97,9 +106,15 @@ class DownscalingPipeline(DiffusionPipeline):
         objective (`str`): ``"diffusion"`` (the UNet predicts noise; sampled with the scheduler) or
             ``"regression"`` (a deterministic baseline: one UNet pass at ``t = 0`` on zero noise predicts the
             target directly; every member is that same field and the spread is zero).
+        regression_unet ([`UNet2DModel`], *optional*):
+            A deterministic UNet (same channels as ``unet``, trained with ``objective="regression"``) whose
+            prediction is the mean the diffusion UNet adds its samples to (diffusion objective only).
+        stochastic_std (`list[float]`): per-variable std of the model-space target minus the regression mean,
+            i.e. the scale of what the diffusion UNet generates when ``regression_unet`` is set.
     """
 
-    model_cpu_offload_seq = "unet"
+    model_cpu_offload_seq = "regression_unet->unet"
+    _optional_components = ["regression_unet"]
 
     def __init__(
         self,
@@ -119,9 +134,11 @@ class DownscalingPipeline(DiffusionPipeline):
         prediction: str = "residual",
         interpolation: str = "bilinear",
         objective: str = "diffusion",
+        regression_unet: UNet2DModel | None = None,
+        stochastic_std: Sequence[float] | None = None,
     ):
         super().__init__()
-        self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_modules(unet=unet, scheduler=scheduler, regression_unet=regression_unet)
         v = unet.config.out_channels
         variables = list(variables) if variables is not None else [f"var{i}" for i in range(v)]
         static_channels = list(static_channels) if static_channels is not None else []
@@ -141,23 +158,30 @@ class DownscalingPipeline(DiffusionPipeline):
             prediction=prediction,
             interpolation=interpolation,
             objective=objective,
+            stochastic_std=[float(x) for x in stochastic_std] if stochastic_std is not None else [1.0] * len(variables),
         )
         self.normalizer = Normalizer.from_config(config)  # validates lengths, transforms, prediction
         self._check_components(unet, config)
+        if regression_unet is not None:
+            self._check_components(regression_unet, config, name="regression_unet")
+            if objective != "diffusion":
+                raise ValueError("regression_unet is the mean of a diffusion model; it needs objective='diffusion'.")
+        if len(config["stochastic_std"]) != len(variables) or min(config["stochastic_std"]) <= 0:
+            raise ValueError(f"stochastic_std must hold one positive value per variable {variables}, got {config['stochastic_std']}.")
         self.register_to_config(**config)
 
     @staticmethod
-    def _check_components(unet, config):
+    def _check_components(unet, config, name: str = "unet"):
         v, s = len(config["variables"]), len(config["static_channels"])
         if unet.config.out_channels != v or unet.config.in_channels != 2 * v + s:
             raise ValueError(
-                f"Incompatible checkpoint: the UNet has in_channels={unet.config.in_channels}, "
+                f"Incompatible checkpoint: the {name} has in_channels={unet.config.in_channels}, "
                 f"out_channels={unet.config.out_channels}, but {v} variables {config['variables']} and {s} static "
                 f"channels {config['static_channels']} need in_channels={2 * v + s}, out_channels={v}."
             )
         factor = 2 ** (len(unet.config.block_out_channels) - 1)
         if config["patch_size"] % factor:
-            raise ValueError(f"patch_size {config['patch_size']} is not divisible by the UNet's downsampling factor {factor}.")
+            raise ValueError(f"patch_size {config['patch_size']} is not divisible by the {name}'s downsampling factor {factor}.")
         if config["objective"] not in OBJECTIVES:
             raise ValueError(f"Unknown objective {config['objective']!r}; expected one of {OBJECTIVES}.")
         if config["scale_factor"] < 1:
@@ -369,6 +393,25 @@ class DownscalingPipeline(DiffusionPipeline):
             return [int(torch.randint(0, 2**62, (1,), generator=g).item()) for g in generator]
         return [int(torch.randint(0, 2**62, (1,), generator=generator).item()) for _ in range(num_members)]
 
+    @staticmethod
+    def _fused_unet(model, canvas, t, tiler, cond_tiles, num_batch, batch_size):
+        """One UNet evaluation of every row of ``canvas`` (rows = member-major ``k * B + b``): all
+        (row, tile) pairs go through ``model`` in batches of ``batch_size`` and are fused back into one
+        canvas with the tiler's window."""
+        num_rows, n_tiles = canvas.shape[0], tiler.num_tiles
+        pair_rows = torch.arange(num_rows).repeat_interleave(n_tiles)
+        pair_tiles = torch.arange(n_tiles).repeat(num_rows)
+        pair_cond = (pair_rows % num_batch) * n_tiles + pair_tiles  # index into cond_tiles (b * N + tile)
+        acc = torch.zeros(num_rows, model.config.out_channels, canvas.shape[-2] * canvas.shape[-1], device=canvas.device)
+        for start in range(0, len(pair_rows), batch_size):
+            rows = pair_rows[start : start + batch_size]
+            tiles = pair_tiles[start : start + batch_size]
+            x = tiler.extract(canvas, rows, tiles)
+            inp = torch.cat([x, cond_tiles[pair_cond[start : start + batch_size].to(canvas.device)]], dim=1)
+            out = model(inp.to(model.dtype), t).sample
+            tiler.accumulate(acc, out.float(), rows, tiles)
+        return tiler.normalize(acc)
+
     def _extra_step_kwargs(self, generator, eta):
         params = set(inspect.signature(self.scheduler.step).parameters)
         kwargs = {}
@@ -504,10 +547,14 @@ class DownscalingPipeline(DiffusionPipeline):
             raise ValueError(f"Unknown nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}.")
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}.")
-        if getattr(self.scheduler.config, "clip_sample", False) or getattr(self.scheduler.config, "thresholding", False):
+        sched_cfg = self.scheduler.config
+        narrow_clip = getattr(sched_cfg, "clip_sample", False) and getattr(sched_cfg, "clip_sample_range", 1.0) < MIN_CLIP_RANGE
+        if narrow_clip or getattr(sched_cfg, "thresholding", False):
             raise ValueError(
-                "The scheduler clips or thresholds samples (clip_sample/thresholding=True), which distorts standardised "
-                "climate data; build it with clip_sample=False, e.g. DDIMScheduler.from_config(pipe.scheduler.config)."
+                f"The scheduler clips (clip_sample=True, clip_sample_range={getattr(sched_cfg, 'clip_sample_range', None)}) "
+                "or thresholds samples, which distorts standardised climate data; build it with clip_sample=False, "
+                "e.g. DDIMScheduler.from_config(pipe.scheduler.config), or with a wide clip_sample_range >= "
+                f"{MIN_CLIP_RANGE:g} (model-space standard deviations) that only guards against blow-ups."
             )
         if topography is not None or land_sea_mask is not None:
             if static_fields is not None:
@@ -571,31 +618,29 @@ class DownscalingPipeline(DiffusionPipeline):
         latents = latents.to(device)
         extra_step_kwargs = self._extra_step_kwargs(row_gens, eta)
 
-        # 6. Denoising loop: all tiles of all rows through the UNet in batches, fused on the canvas at every
+        # 6. Two-stage models: the regression UNet's mean, once per batch entry (one pass at t = 0)
+        fused = dict(tiler=tiler, cond_tiles=cond_tiles, num_batch=num_batch, batch_size=batch_size)
+        regression_mean = None
+        if self.regression_unet is not None and not regression:
+            zero = torch.zeros(num_batch, num_vars, canvas_h, canvas_w, device=device)
+            regression_mean = self._fused_unet(self.regression_unet, zero, torch.zeros(1, dtype=torch.long, device=device), **fused)
+
+        # 7. Denoising loop: all tiles of all rows through the UNet in batches, fused on the canvas at every
         #    step, then one scheduler.step for the whole canvas (multistep solvers keep one history)
-        pair_rows = torch.arange(num_rows).repeat_interleave(n_tiles)
-        pair_tiles = torch.arange(n_tiles).repeat(num_rows)
-        pair_cond = (pair_rows % num_batch) * n_tiles + pair_tiles
-        unet_dtype = self.unet.dtype
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for t in timesteps:
                 model_in = latents if regression else self.scheduler.scale_model_input(latents, t)
-                acc = torch.zeros(num_rows, num_vars, canvas_h * canvas_w, device=device)
-                for start in range(0, len(pair_rows), batch_size):
-                    rows = pair_rows[start : start + batch_size]
-                    tiles = pair_tiles[start : start + batch_size]
-                    x = tiler.extract(model_in, rows, tiles)
-                    inp = torch.cat([x, cond_tiles[pair_cond[start : start + batch_size].to(device)]], dim=1)
-                    eps = self.unet(inp.to(unet_dtype), t).sample
-                    tiler.accumulate(acc, eps.float(), rows, tiles)
-                model_output = tiler.normalize(acc)
+                model_output = self._fused_unet(self.unet, model_in, t, **fused)
                 if regression:
                     latents = model_output
                 else:
                     latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
                 progress_bar.update()
+        if regression_mean is not None:  # sample = mean + stochastic_std * generated residual
+            scale = torch.tensor(cfg.stochastic_std, device=device, dtype=latents.dtype).view(1, -1, 1, 1)
+            latents = regression_mean.repeat(len(seeds), 1, 1, 1) + scale * latents
 
-        # 7. Back to physical units on the target grid
+        # 8. Back to physical units on the target grid
         latents = latents[..., :height, :width].float().cpu()
         lerp_norm_rows = lerp_norm.repeat(len(seeds), 1, 1, 1)
         members = norm.from_model_space(latents, lerp_norm_rows)
@@ -605,10 +650,10 @@ class DownscalingPipeline(DiffusionPipeline):
             members = members.masked_fill(torch.from_numpy(invalid)[None], float("nan"))
         self.maybe_free_model_hooks()
 
-        # 8. Package
+        # 9. Package
         if output_type == "xarray":
             info = {
-                "objective": cfg.objective,
+                "objective": cfg.objective + (" (regression mean + residual diffusion)" if regression_mean is not None else ""),
                 "scheduler": "none" if regression else type(self.scheduler).__name__,
                 "num_inference_steps": 1 if regression else num_inference_steps,
                 "num_members": num_members, "model": str(getattr(self, "name_or_path", "") or ""),

@@ -254,10 +254,55 @@ def test_schedulers_swap_in_with_from_config_and_step_once_per_timestep(schedule
     assert out.members.attrs["dpdm_scheduler"] == scheduler_cls.__name__
 
 
-def test_clipping_schedulers_are_refused(pipe, low_res, static):
-    pipe.scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2")  # diffusers default clip_sample=True
+def test_clipping_schedulers_are_refused_unless_the_range_is_wide(pipe, low_res, static):
+    pipe.scheduler = DDIMScheduler(beta_schedule="squaredcos_cap_v2")  # diffusers default clip_sample=True, range 1
     with pytest.raises(ValueError, match="clip_sample"):
         run(pipe, low_res, static)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, thresholding=True, clip_sample=False)
+    with pytest.raises(ValueError, match="thresholds"):
+        run(pipe, low_res, static)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, thresholding=False, clip_sample=True, clip_sample_range=10.0)
+    assert np.isfinite(run(pipe, low_res, static).members.tas.values).all()
+
+
+def test_ddpm_reference_first_step_is_guarded():
+    """Unclipped 1000-step DDPM on the cosine schedule divides by sqrt(alpha_bar_999) ~ 5e-5 at its first step,
+    so an eps error of 0.1 becomes an x0 of ~2000 stds; set_scheduler('ddpm') clips x0 at a wide range."""
+    from dpdm_diffusers.evaluation import set_scheduler
+
+    pipe = make_pipeline()
+    set_scheduler(pipe, "ddpm")
+    assert pipe.scheduler.config.clip_sample and pipe.scheduler.config.clip_sample_range >= 10
+    unclipped = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 16, 16, generator=g)
+    eps = x + 0.1 * torch.randn(1, 1, 16, 16, generator=g)  # a good but imperfect noise prediction
+    for sched, bound in ((pipe.scheduler, 1.5), (unclipped, None)):
+        sched.set_timesteps(1000)
+        assert int(sched.timesteps[0]) == 999 and float(sched.alphas_cumprod[999]) < 1e-8
+        out = sched.step(eps, 999, x, generator=torch.Generator().manual_seed(1))
+        if bound is None:
+            assert float(out.pred_original_sample.std()) > 500
+        else:
+            assert float(out.pred_original_sample.abs().max()) <= 10 and float(out.prev_sample.std()) < bound
+
+
+@pytest.mark.slow
+def test_full_ddpm_reference_does_not_blow_up_at_t_max(low_res, static):
+    from dpdm_diffusers.evaluation import set_scheduler
+
+    pipe = make_pipeline()
+    set_scheduler(pipe, "ddpm")
+    low = low_res.isel(time=[0])
+    clipped = run(pipe, low, static, num_inference_steps=1000).members.tas
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, clip_sample=False)
+    unclipped = run(pipe, low, static, num_inference_steps=1000).members.tas
+    from dpdm_diffusers.grids import interpolate
+
+    lerp = interpolate(low.tas.values, Grid.from_xarray(low), Grid.from_xarray(low).refine(4))
+    # model space is (x - lerp) / (norm_std * residual_std) = (x - lerp) / 5 K: the clip bounds it by 10 stds
+    assert float(np.abs(clipped.values - lerp).max()) <= 10 * 5.0 + 1e-3
+    assert float(np.abs(unclipped.values - lerp).max()) > 1000.0
 
 
 # --- save / load / hub -----------------------------------------------------------------------------
@@ -442,3 +487,53 @@ def test_regression_objective_is_one_deterministic_pass(low_res, static, tmp_pat
     pipe.unet.forward = original
     pipe.save_pretrained(tmp_path)
     assert DownscalingPipeline.from_pretrained(tmp_path).config.objective == "regression"
+
+
+# --- two-stage models: regression mean + residual diffusion (CorrDiff) --------------------------------
+def test_regression_mean_plus_scaled_diffusion_sample(low_res, static, tmp_path):
+    """members = regression mean + stochastic_std * diffusion sample, in model space; checked against the
+    diffusion-only and regression-only pipelines built from the same two UNets."""
+    from dpdm_diffusers.grids import interpolate
+
+    diffusion = make_pipeline(seed=0)
+    regression = make_pipeline(seed=1)
+    regression.register_to_config(objective="regression")
+    cfg = {k: v for k, v in diffusion.config.items() if not k.startswith("_") and k not in diffusion.components}
+    cfg.update(stochastic_std=[0.5])
+    two_stage = DownscalingPipeline(unet=diffusion.unet, scheduler=diffusion.scheduler, regression_unet=regression.unet, **cfg)
+    two_stage.set_progress_bar_config(disable=True)
+    calls = []
+    original = regression.unet.forward
+    regression.unet.forward = lambda sample, timestep, *a, **k: calls.append(int(timestep)) or original(sample, timestep, *a, **k)
+
+    a = run(diffusion, low_res, static, num_members=2).members.tas.values
+    c = run(regression, low_res, static, num_members=1).members.tas.values
+    calls.clear()
+    b = run(two_stage, low_res, static, num_members=2)
+    assert calls == [0]  # the mean is computed once for every member (2 times x 1 tile in one batch)
+    lerp = interpolate(low_res.tas.values, Grid.from_xarray(low_res), Grid.from_xarray(low_res).refine(4))
+    np.testing.assert_allclose(b.members.tas.values, c + 0.5 * (a - lerp), atol=2e-4)
+    assert "residual diffusion" in b.members.attrs["dpdm_objective"]
+
+    regression.unet.forward = original
+    two_stage.save_pretrained(tmp_path)
+    assert (tmp_path / "regression_unet" / "diffusion_pytorch_model.safetensors").exists()
+    loaded = DownscalingPipeline.from_pretrained(tmp_path)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.regression_unet is not None and loaded.config.stochastic_std == [0.5]
+    np.testing.assert_array_equal(run(loaded, low_res, static, num_members=2).members.tas.values, b.members.tas.values)
+
+
+def test_regression_unet_is_checked(low_res):
+    from dpdm_diffusers.modeling import build_unet
+
+    pipe = make_pipeline()
+    cfg = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in pipe.components}
+    wrong = build_unet(2, 2, 16, "tiny")  # two variables: wrong channels
+    with pytest.raises(ValueError, match="regression_unet has in_channels"):
+        DownscalingPipeline(unet=pipe.unet, scheduler=pipe.scheduler, regression_unet=wrong, **cfg)
+    with pytest.raises(ValueError, match="needs objective='diffusion'"):
+        DownscalingPipeline(unet=pipe.unet, scheduler=pipe.scheduler, regression_unet=make_pipeline(seed=1).unet,
+                            **{**cfg, "objective": "regression"})
+    with pytest.raises(ValueError, match="stochastic_std"):
+        DownscalingPipeline(unet=pipe.unet, scheduler=pipe.scheduler, **{**cfg, "stochastic_std": [0.0]})

@@ -88,6 +88,23 @@ def test_regression_objective_trains_the_same_unet_deterministically(high_res_fi
     assert summary["val_rmse_member0"] == pytest.approx(summary["val_rmse_mean"])  # no spread
 
 
+def test_two_stage_run_learns_the_regression_residual(high_res_file, tmp_path):
+    reg = main(args(high_res_file, tmp_path / "reg", "--objective", "regression", "--max_train_steps", "6"))
+    out = main(args(high_res_file, tmp_path / "two", "--regression_model", str(reg), "--stochastic_std_batches", "3"))
+    pipe = DownscalingPipeline.from_pretrained(out)
+    reg_pipe = DownscalingPipeline.from_pretrained(reg)
+    assert pipe.regression_unet is not None and pipe.config.norm_mean == reg_pipe.config.norm_mean
+    for k, w in reg_pipe.unet.state_dict().items():  # the mean model is frozen and shipped as trained
+        torch.testing.assert_close(pipe.regression_unet.state_dict()[k], w)
+    std = json.loads((out / "training_summary.json").read_text())["stochastic_std"]
+    assert std == pipe.config.stochastic_std and 0 < std[0] < 5
+    assert "two-stage" in (out / "README.md").read_text()
+    with pytest.raises(SystemExit):  # a regression mean only makes sense under a diffusion model
+        main(args(high_res_file, tmp_path / "bad", "--regression_model", str(reg), "--objective", "regression"))
+    with pytest.raises(ValueError, match="train it with --objective regression"):
+        main(args(high_res_file, tmp_path / "bad2", "--regression_model", str(out)))
+
+
 def test_fine_tune_from_a_saved_model_keeps_or_recomputes_statistics(high_res_file, tmp_path):
     base = main(args(high_res_file, tmp_path / "base"))
     shifted = tmp_path / "shifted.nc"

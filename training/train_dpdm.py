@@ -58,6 +58,10 @@ class TrainingConfig:
     prediction: str = "residual"
     interpolation: str = "bilinear"
     objective: str = "diffusion"  # or "regression" (deterministic baseline, same UNet)
+    # two-stage (CorrDiff) model: a trained regression pipeline whose prediction is the mean; the diffusion
+    # UNet learns what it misses, divided by its RMS (stochastic_std, from `stochastic_std_batches` batches)
+    regression_model: str | None = None
+    stochastic_std_batches: int = 32
     init_from: str | None = None  # pretrained pipeline folder or Hub id to fine-tune
     recompute_statistics: bool = False  # fine-tuning: keep the base model's statistics unless set
     # optimisation -------------------------------------------------------------------------------
@@ -132,6 +136,8 @@ def parse_args(argv=None) -> TrainingConfig:
     cfg = TrainingConfig(**values)
     if cfg.objective not in ("diffusion", "regression"):
         parser.error(f"--objective must be 'diffusion' or 'regression', got {cfg.objective!r}")
+    if cfg.regression_model and cfg.objective != "diffusion":
+        parser.error("--regression_model is the mean of a two-stage diffusion model; it needs --objective diffusion")
     return cfg
 
 
@@ -205,6 +211,38 @@ def build_statistics(cfg, pairs, static, train, base_config=None) -> dict:
     stats.setdefault("static_mean", [])
     stats.setdefault("static_std", [])
     return stats
+
+
+def load_regression_model(path: str, base=None):
+    """The frozen mean model of a two-stage run; it must share the diffusion model's data settings."""
+    from dpdm_diffusers import DownscalingPipeline
+
+    reg = DownscalingPipeline.from_pretrained(path)
+    if reg.config.objective != "regression":
+        raise ValueError(f"--regression_model {path} has objective {reg.config.objective!r}; train it with --objective regression.")
+    if base is not None:
+        keys = ("variables", "static_channels", "scale_factor", "patch_size", "prediction", "interpolation",
+                "norm_mean", "norm_std", "residual_std")
+        diff = [k for k in keys if list(np.atleast_1d(base.config[k])) != list(np.atleast_1d(reg.config[k]))]
+        if diff:
+            raise ValueError(f"--regression_model {path} and --init_from differ in {diff}; they must share one model space.")
+    return reg
+
+
+@torch.no_grad()
+def regression_residual_rms(reg_unet, dataset, num_batches: int, batch_size: int, device) -> list[float]:
+    """Per-variable RMS of (model-space target - regression prediction) over training patches: the scale
+    of what the diffusion stage generates. Deterministic (epoch-0 crops), so a resumed run gets the same."""
+    dataset.set_epoch(0)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
+    sq, n = None, None
+    for _, batch in zip(range(num_batches), loader):
+        target, cond, mask = batch["target"].to(device), batch["condition"].to(device), batch["mask"].float().to(device)
+        mean = reg_unet(torch.cat([torch.zeros_like(target), cond], 1), torch.zeros(len(target), dtype=torch.long, device=device)).sample
+        err = (target - mean.float()) ** 2 * mask
+        sq = err.sum((0, 2, 3)) if sq is None else sq + err.sum((0, 2, 3))
+        n = mask.sum((0, 2, 3)) if n is None else n + mask.sum((0, 2, 3))
+    return [float(x) for x in (sq / n.clamp_min(1)).sqrt().cpu()]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,8 +390,17 @@ def main(argv=None) -> Path:
         cfg.static_channels = list(base.config.static_channels)
         if cfg.scale_factor != base.config.scale_factor:
             raise ValueError(f"The base model is x{base.config.scale_factor}, the data is set to x{cfg.scale_factor}.")
+    reg = None
+    if cfg.regression_model:
+        reg = load_regression_model(cfg.regression_model, base)
+        if base is None:  # the diffusion stage lives in the regression model's space
+            cfg.patch_size = reg.config.patch_size
+            cfg.prediction, cfg.interpolation = reg.config.prediction, reg.config.interpolation
+            cfg.static_channels = list(reg.config.static_channels)
+    reg_unet = reg.unet if reg is not None else (base.regression_unet if base is not None else None)
     pairs, static, train, validation, data_info = load_pairs(cfg)
-    stats = build_statistics(cfg, pairs, static, train, None if base is None else dict(base.config))
+    stats_from = base if base is not None else reg
+    stats = build_statistics(cfg, pairs, static, train, None if stats_from is None else dict(stats_from.config))
     normalizer = Normalizer.from_config({**stats, "prediction": cfg.prediction})
     variables = stats["variables"]
     fields = normalize_fields(
@@ -363,6 +410,16 @@ def main(argv=None) -> Path:
     dataset = RandomPatchDataset(fields, cfg.patch_size, seed=cfg.seed)
     val = validation_inputs(pairs, static, validation, cfg.validation_max_samples)
     logger.info("training on %d fields of %s, %d patches per epoch", fields.num_samples, fields.shape, len(dataset))
+    stochastic_std = None
+    if reg_unet is not None:
+        reg_unet.requires_grad_(False).eval().to(accelerator.device)
+        if base is not None and base.regression_unet is not None and not cfg.regression_model and not cfg.recompute_statistics:
+            stochastic_std = list(base.config.stochastic_std)
+        else:
+            stochastic_std = regression_residual_rms(
+                reg_unet, dataset, cfg.stochastic_std_batches, cfg.train_batch_size, accelerator.device)
+        logger.info("two-stage model: the diffusion UNet learns the regression residual / %s", stochastic_std)
+        stochastic_scale = torch.tensor(stochastic_std, device=accelerator.device).view(1, -1, 1, 1)
 
     # 2. Model, EMA, optimiser
     if base is not None:
@@ -448,7 +505,7 @@ def main(argv=None) -> Path:
         pipe = DownscalingPipeline(
             unet=model, scheduler=sampler, **stats, scale_factor=cfg.scale_factor,
             patch_size=cfg.patch_size, prediction=cfg.prediction, interpolation=cfg.interpolation,
-            objective=cfg.objective,
+            objective=cfg.objective, regression_unet=reg_unet, stochastic_std=stochastic_std,
         )
         pipe.set_progress_bar_config(disable=True)
         return pipe
@@ -484,6 +541,11 @@ def main(argv=None) -> Path:
         for batch in loader:
             with accelerator.accumulate(unet):
                 target, cond, mask = batch["target"], batch["condition"], batch["mask"].float()
+                if reg_unet is not None:  # two-stage: learn what the frozen regression mean misses
+                    with torch.no_grad():
+                        t0 = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
+                        mean = reg_unet(torch.cat([torch.zeros_like(target), cond], dim=1), t0).sample
+                    target = (target - mean.to(target.dtype)) / stochastic_scale
                 if cfg.objective == "diffusion":
                     gen = noise_rng.generator
                     noise = torch.randn(target.shape, generator=gen, device=gen.device).to(target.device, target.dtype)
@@ -547,7 +609,9 @@ def main(argv=None) -> Path:
             dict(pipe.config), title=cfg.model_card_title, base_model=cfg.init_from,
             repo_id=cfg.hub_model_id,
             summary=f"Trained with `dpdm_diffusers.training.train_dpdm` (dpdm-diffusers {__version__}), "
-            f"objective `{cfg.objective}`.",
+            f"objective `{cfg.objective}`"
+            + (f", two-stage: residual diffusion on the regression model `{cfg.regression_model or cfg.init_from}`"
+               f" (stochastic_std {', '.join(f'{x:.3f}' for x in stochastic_std)})." if reg_unet is not None else "."),
             sections={
                 "Training data": "\n".join(f"- {k}: {v}" for k, v in data_info.items())
                 + f"\n- high-res grid: {fields.shape[0]} x {fields.shape[1]}, {fields.num_samples} training fields",
@@ -566,7 +630,8 @@ def main(argv=None) -> Path:
         (output_dir / "README.md").write_text(card)
         (output_dir / "training_summary.json").write_text(json.dumps(
             {"global_step": global_step, "train_samples_per_s": throughput, "wall_time_s": wall,
-             "num_processes": accelerator.num_processes, "first_crops_per_process": first_crops, **last_val}, indent=2))
+             "num_processes": accelerator.num_processes, "first_crops_per_process": first_crops,
+             "stochastic_std": stochastic_std, **last_val}, indent=2))
         if cfg.push_to_hub:
             if not cfg.hub_model_id:
                 raise ValueError("--push_to_hub needs --hub_model_id.")
