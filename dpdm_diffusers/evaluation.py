@@ -35,7 +35,10 @@ def set_scheduler(pipe, name: str):
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; expected one of {tuple(SCHEDULERS)}.")
     cls = getattr(diffusers, SCHEDULERS[name])
-    kwargs = {"algorithm_type": "dpmsolver++"} if name == "dpmsolver++" else {}
+    # few-step samplers start at t = 900, not at t = 999 where the x0 estimate blows up (modeling.default_sampler)
+    kwargs = {"timestep_spacing": "leading"}
+    if name == "dpmsolver++":
+        kwargs["algorithm_type"] = "dpmsolver++"
     if name == "ddpm":  # all 1000 steps visit t = 999, where the x0 prediction blows up unless clipped wide
         kwargs = {"clip_sample": True, "clip_sample_range": MIN_CLIP_RANGE}
     pipe.scheduler = cls.from_config(pipe.scheduler.config, **kwargs)

@@ -22,13 +22,15 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
-from diffusers.utils import BaseOutput, replace_example_docstring
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
 
 from dpdm_diffusers import __version__
 from dpdm_diffusers.grids import INTERPOLATIONS, Grid, interpolate, lat_lon_names
 from dpdm_diffusers.modeling import default_scheduler
 from dpdm_diffusers.patching import PatchTiler
 from dpdm_diffusers.transforms import Normalizer
+
+logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -615,6 +617,13 @@ class DownscalingPipeline(DiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             latents = latents * self.scheduler.init_noise_sigma
             timesteps = self.scheduler.timesteps
+            alphas = getattr(self.scheduler, "alphas_cumprod", None)
+            if alphas is not None and float(alphas[int(timesteps[0])]) < 1e-6 and not getattr(sched_cfg, "clip_sample", False):
+                logger.warning(
+                    "The sampler starts at t=%d where alpha_bar=%.1e: its x0 estimate divides the eps error by %.0e and "
+                    "can blow up. Use timestep_spacing='leading' (modeling.default_sampler) or a wide clip_sample_range.",
+                    int(timesteps[0]), float(alphas[int(timesteps[0])]), float(alphas[int(timesteps[0])]) ** 0.5,
+                )
         latents = latents.to(device)
         extra_step_kwargs = self._extra_step_kwargs(row_gens, eta)
 

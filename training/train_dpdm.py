@@ -345,14 +345,14 @@ def main(argv=None) -> Path:
     cfg = parse_args(argv)
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
-    from diffusers import DPMSolverMultistepScheduler, UNet2DModel
+    from diffusers import UNet2DModel
     from diffusers.optimization import get_scheduler
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     from dpdm_diffusers import DownscalingPipeline, __version__
     from dpdm_diffusers.model_card import render_model_card
-    from dpdm_diffusers.modeling import build_unet, default_scheduler
+    from dpdm_diffusers.modeling import build_unet, default_sampler, default_scheduler
     from dpdm_diffusers.samples import RandomPatchDataset, normalize_fields
     from dpdm_diffusers.transforms import Normalizer
 
@@ -499,11 +499,9 @@ def main(argv=None) -> Path:
         accelerator.init_trackers("dpdm", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
     def pipeline_from(model) -> DownscalingPipeline:
-        # DPM-Solver++ on the training schedule: the sampler chosen in benchmarks/results/samplers.md
-        # (DDPM with few steps is a poor validation sampler)
-        sampler = DPMSolverMultistepScheduler.from_config(default_scheduler().config, algorithm_type="dpmsolver++")
+        # DPM-Solver++ on the training schedule, never starting at t = 999 (see modeling.default_sampler)
         pipe = DownscalingPipeline(
-            unet=model, scheduler=sampler, **stats, scale_factor=cfg.scale_factor,
+            unet=model, scheduler=default_sampler(), **stats, scale_factor=cfg.scale_factor,
             patch_size=cfg.patch_size, prediction=cfg.prediction, interpolation=cfg.interpolation,
             objective=cfg.objective, regression_unet=reg_unet, stochastic_std=stochastic_std,
         )
