@@ -2,6 +2,7 @@
 
     dpdm downscale coarse.nc --model models/dpdm-glosea4-ts-x4 --members 10 --output fine.nc
     dpdm evaluate --model models/dpdm-glosea4-ts-x4 --members 1,10,33 --baselines lerp,bicubic
+    dpdm calibrate --model models/dpdm-glosea4-ts-x4 --write
     dpdm demo
 """
 
@@ -97,6 +98,45 @@ def evaluate(
     figs = write_report(result, out_dir, command="dpdm " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     typer.echo(result.markdown)
     typer.echo(f"\nwrote {out_dir}/quality_glosea4.md, .json and figures: {', '.join(figs.values())}")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Option(str(DEFAULT_MODEL), help="Two-stage pipeline folder."),
+    benchmark: str = typer.Option("glosea4-ts-x4", help="Benchmark whose validation split is used (glosea4-ts-x4)."),
+    members: int = typer.Option(8, min=2, help="Ensemble size of the calibration run."),
+    steps: int = typer.Option(10, min=1, help="Denoising steps."),
+    seed: int = typer.Option(0),
+    write: bool = typer.Option(False, help="Store the calibrated stochastic_std in the folder's model_index.json."),
+):
+    """Scale a two-stage model's spread to the lowest fair CRPS on the benchmark's validation month."""
+    import json
+    import os
+
+    from dpdm_diffusers import DownscalingPipeline
+    from dpdm_diffusers.calibration import calibrate_spread
+    from dpdm_diffusers.glosea4 import load_glosea4_benchmark
+
+    if benchmark != "glosea4-ts-x4":
+        raise typer.BadParameter(f"unknown benchmark {benchmark!r}; available: glosea4-ts-x4")
+    pipe = DownscalingPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    bench = load_glosea4_benchmark()
+    truth, low = bench.split("validation")
+    res = calibrate_spread(pipe, low.rename(member="realization"), truth.rename(member="realization"),
+                           static_fields={k: bench.static[k] for k in bench.static.data_vars},
+                           num_members=members, num_inference_steps=steps, seed=seed)
+    typer.echo(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=2))
+    if write:
+        index = Path(model) / "model_index.json"
+        if not index.exists():
+            raise typer.BadParameter(f"{model} is not a local pipeline folder; --write needs one.")
+        cfg = json.loads(index.read_text())
+        cfg["stochastic_std"] = res["stochastic_std"]
+        tmp = index.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, index)  # atomic: the folder is never left with a half-written config
+        typer.echo(f"wrote stochastic_std={res['stochastic_std']} to {index}")
 
 
 @app.command()

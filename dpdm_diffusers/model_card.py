@@ -22,7 +22,12 @@ def _config_table(config: Mapping[str, Any]) -> str:
         ("patch size", f"{config['patch_size']} px"),
         ("prediction target", config["prediction"]),
         ("low-res interpolation", config["interpolation"]),
+        ("objective", config.get("objective", "diffusion")),
     ]
+    std = config.get("stochastic_std")
+    if std and any(abs(x - 1.0) > 1e-12 for x in std):  # two-stage pipelines carry a regression_unet
+        rows.append(("two-stage", "regression UNet mean + residual diffusion (CorrDiff); stochastic std "
+                     + ", ".join(f"{x:.3f}" for x in std)))
     return "\n".join(["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
 
 

@@ -235,6 +235,16 @@ class DownscalingPipeline(DiffusionPipeline):
                 commit_message=commit_message or "Upload DownscalingPipeline",
             )
 
+    def regression_pipeline(self) -> "DownscalingPipeline":
+        """The deterministic first stage of a two-stage pipeline as a pipeline of its own (shares weights)."""
+        if self.regression_unet is None:
+            raise ValueError("This pipeline has no regression_unet (it is not a two-stage model).")
+        config = {k: v for k, v in self.config.items() if not k.startswith("_") and k not in self.components}
+        config.update(objective="regression", stochastic_std=None)
+        pipe = DownscalingPipeline(unet=self.regression_unet, scheduler=self.scheduler, **config)
+        pipe.set_progress_bar_config(**getattr(self, "_progress_bar_config", {}))
+        return pipe
+
     # ------------------------------------------------------------------------------------------
     # input handling
     # ------------------------------------------------------------------------------------------

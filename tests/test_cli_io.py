@@ -88,3 +88,28 @@ def test_cli_evaluate_end_to_end_on_glosea4(tmp_path):
     for f in ("quality_glosea4.json", "quality_glosea4_maps.png", "quality_glosea4_skill_vs_members.png",
               "quality_glosea4_spectra.png"):
         assert (out / f).stat().st_size > 1000
+
+
+def test_cli_calibrate_writes_the_spread_into_the_model_index(tmp_path):
+    pytest.importorskip("iris")
+    pytest.importorskip("pvlib")
+    import json
+
+    import torch
+
+    from dpdm_diffusers import DownscalingPipeline
+    from dpdm_diffusers.modeling import build_unet, default_scheduler
+
+    kw = dict(variables=["surface_temperature"], units=["K"], transforms=["identity"], norm_mean=[278.0],
+              norm_std=[20.0], residual_std=[0.1], static_channels=["topography", "land_sea_mask"],
+              static_mean=[400.0, 0.3], static_std=[900.0, 0.45], scale_factor=4, patch_size=32)
+    torch.manual_seed(0)
+    diffusion, regression = build_unet(1, 2, 32, "tiny"), build_unet(1, 2, 32, "tiny")
+    pipe = DownscalingPipeline(unet=diffusion, scheduler=default_scheduler(), regression_unet=regression,
+                               stochastic_std=[0.3], **kw)
+    pipe.save_pretrained(tmp_path / "model")
+    res = runner.invoke(app, ["calibrate", "--model", str(tmp_path / "model"), "--members", "2", "--steps", "1", "--write"])
+    assert res.exit_code == 0, res.output
+    written = json.loads((tmp_path / "model" / "model_index.json").read_text())["stochastic_std"][0]
+    assert written != 0.3 and "wrote stochastic_std" in res.output
+    assert DownscalingPipeline.from_pretrained(tmp_path / "model").config.stochastic_std == [written]

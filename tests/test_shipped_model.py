@@ -25,6 +25,19 @@ def test_shipped_folders_are_complete_safetensors_pipelines(folder):
     assert card.startswith("---") and "library_name: diffusers" in card
 
 
+def test_default_model_is_two_stage_on_the_shipped_baseline():
+    from dpdm_diffusers import DownscalingPipeline
+
+    pipe = DownscalingPipeline.from_pretrained(MODEL)
+    reg = DownscalingPipeline.from_pretrained(REGRESSION)
+    assert (MODEL / "regression_unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert pipe.regression_unet is not None and 0 < pipe.config.stochastic_std[0] < 1
+    shipped = pipe.regression_unet.state_dict()
+    assert all(torch.equal(shipped[k], w) for k, w in reg.unet.state_dict().items())  # the baseline is its mean
+    pipe.scheduler.set_timesteps(10)
+    assert int(pipe.scheduler.timesteps[0]) < 999  # never the t = 999 step where x0 blows up
+
+
 def test_shipped_model_downscales_the_real_test_month_in_two_steps():
     pytest.importorskip("iris")
     from dpdm_diffusers import DownscalingPipeline

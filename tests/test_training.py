@@ -92,15 +92,19 @@ def test_regression_objective_trains_the_same_unet_deterministically(high_res_fi
 
 def test_two_stage_run_learns_the_regression_residual(high_res_file, tmp_path):
     reg = main(args(high_res_file, tmp_path / "reg", "--objective", "regression", "--max_train_steps", "6"))
-    out = main(args(high_res_file, tmp_path / "two", "--regression_model", str(reg), "--stochastic_std_batches", "3"))
+    out = main(args(high_res_file, tmp_path / "two", "--regression_model", str(reg), "--stochastic_std_batches", "3",
+                    "--calibrate_spread", "true", "--calibration_members", "3"))
     pipe = DownscalingPipeline.from_pretrained(out)
     reg_pipe = DownscalingPipeline.from_pretrained(reg)
     assert pipe.regression_unet is not None and pipe.config.norm_mean == reg_pipe.config.norm_mean
     for k, w in reg_pipe.unet.state_dict().items():  # the mean model is frozen and shipped as trained
         torch.testing.assert_close(pipe.regression_unet.state_dict()[k], w)
-    std = json.loads((out / "training_summary.json").read_text())["stochastic_std"]
+    summary = json.loads((out / "training_summary.json").read_text())
+    std, cal = summary["stochastic_std"], summary["spread_calibration"]
     assert std == pipe.config.stochastic_std and 0 < std[0] < 5
-    assert "two-stage" in (out / "README.md").read_text()
+    assert cal["stochastic_std"] == std and cal["crps"] <= cal["crps_uncalibrated"]  # calibrated on validation
+    card = (out / "README.md").read_text()
+    assert "two-stage" in card and "## Spread calibration" in card
     with pytest.raises(SystemExit):  # a regression mean only makes sense under a diffusion model
         main(args(high_res_file, tmp_path / "bad", "--regression_model", str(reg), "--objective", "regression"))
     with pytest.raises(ValueError, match="train it with --objective regression"):

@@ -62,6 +62,10 @@ class TrainingConfig:
     # UNet learns what it misses, divided by its RMS (stochastic_std, from `stochastic_std_batches` batches)
     regression_model: str | None = None
     stochastic_std_batches: int = 32
+    # after training, scale stochastic_std to the lowest fair CRPS on the validation split (dpdm_diffusers.calibration)
+    calibrate_spread: bool = False
+    calibration_members: int = 8
+    calibration_max_samples: int = 16
     init_from: str | None = None  # pretrained pipeline folder or Hub id to fine-tune
     recompute_statistics: bool = False  # fine-tuning: keep the base model's statistics unless set
     # optimisation -------------------------------------------------------------------------------
@@ -138,6 +142,8 @@ def parse_args(argv=None) -> TrainingConfig:
         parser.error(f"--objective must be 'diffusion' or 'regression', got {cfg.objective!r}")
     if cfg.regression_model and cfg.objective != "diffusion":
         parser.error("--regression_model is the mean of a two-stage diffusion model; it needs --objective diffusion")
+    if cfg.regression_model and cfg.recompute_statistics:
+        parser.error("--regression_model fixes the statistics (the regression model's); fine-tune it first to change them")
     return cfg
 
 
@@ -601,6 +607,18 @@ def main(argv=None) -> Path:
         if ema is not None:
             ema.copy_to(model.parameters())
         pipe = pipeline_from(model)
+        calibration = None
+        if cfg.calibrate_spread and reg_unet is not None and validation:
+            from dpdm_diffusers.calibration import calibrate_spread
+
+            low, truth, val_static = validation_inputs(pairs, static, validation, cfg.calibration_max_samples)
+            calibration = calibrate_spread(pipe, low, truth, static_fields=val_static, num_members=cfg.calibration_members,
+                                           num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
+            stochastic_std = calibration["stochastic_std"]
+            pipe.register_to_config(stochastic_std=stochastic_std)
+            logger.info("spread calibration on the validation split: factor %.3f, CRPS %.4f -> %.4f, SSR %.2f -> %.2f",
+                        calibration["factor"], calibration["crps_uncalibrated"], calibration["crps"],
+                        calibration["ssr_uncalibrated"], calibration["ssr"])
         pipe.save_pretrained(output_dir, safe_serialization=True)
         wall = time.time() - t_start
         card = render_model_card(
@@ -623,13 +641,20 @@ def main(argv=None) -> Path:
                     "- config:\n\n```yaml\n" + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False) + "```",
                 ]),
                 "Validation": "\n".join(f"- {k}: {v:.4f}" for k, v in last_val.items()) or "no validation split",
+                **({"Spread calibration": (
+                    f"`stochastic_std` multiplied by {calibration['factor']:.3f}, the factor with the lowest fair CRPS on the "
+                    f"validation split ({calibration['num_members']} members): CRPS {calibration['crps_uncalibrated']:.4f} -> "
+                    f"{calibration['crps']:.4f}, spread-skill {calibration['ssr_uncalibrated']:.2f} -> {calibration['ssr']:.2f}."
+                )} if calibration else {}),
             },
         )
         (output_dir / "README.md").write_text(card)
         (output_dir / "training_summary.json").write_text(json.dumps(
             {"global_step": global_step, "train_samples_per_s": throughput, "wall_time_s": wall,
              "num_processes": accelerator.num_processes, "first_crops_per_process": first_crops,
-             "stochastic_std": stochastic_std, **last_val}, indent=2))
+             "stochastic_std": stochastic_std,
+             "spread_calibration": {k: v for k, v in calibration.items() if k != "curve"} if calibration else None,
+             **last_val}, indent=2))
         if cfg.push_to_hub:
             if not cfg.hub_model_id:
                 raise ValueError("--push_to_hub needs --hub_model_id.")

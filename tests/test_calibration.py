@@ -1,0 +1,45 @@
+"""Spread calibration of two-stage pipelines: recovers a known spread factor; refuses one-stage models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_pipeline
+
+from dpdm_diffusers import DownscalingPipeline
+from dpdm_diffusers.calibration import calibrate_spread
+
+
+def two_stage():
+    diffusion, regression = make_pipeline(seed=0), make_pipeline(seed=1)
+    cfg = {k: v for k, v in diffusion.config.items() if not k.startswith("_") and k not in diffusion.components}
+    pipe = DownscalingPipeline(unet=diffusion.unet, scheduler=diffusion.scheduler, regression_unet=regression.unet,
+                               **{**cfg, "stochastic_std": [0.5]})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_calibration_recovers_the_spread_of_an_exchangeable_truth(low_res, static):
+    pipe = two_stage()
+    center = pipe.regression_pipeline()(low_res, static_fields=static).mean.tas
+    cfg = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in pipe.components}
+    alone = DownscalingPipeline(unet=pipe.regression_unet, scheduler=pipe.scheduler,
+                                **{**cfg, "objective": "regression", "stochastic_std": None})
+    # the first stage alone is the regression pipeline of the same UNet
+    np.testing.assert_allclose(center, alone(low_res, static_fields=static).mean.tas, rtol=1e-6)
+    # truth = an independent sample (another seed) whose deviation from the mean is twice the model's
+    sample = pipe(low_res, static_fields=static, num_inference_steps=2, generator=torch.Generator().manual_seed(123)).members.tas[0]
+    truth = (center + 2.0 * (sample - center)).rename("tas").to_dataset()
+    res = calibrate_spread(pipe, low_res, truth, static_fields=static, num_members=8, num_inference_steps=2)
+    assert 1.5 <= res["factor"] <= 2.7
+    assert res["crps"] < res["crps_uncalibrated"] and res["ssr_uncalibrated"] < 0.75 and 0.75 < res["ssr"] < 1.3
+    assert res["stochastic_std"] == pytest.approx([0.5 * res["factor"]])
+    assert pipe.config.stochastic_std == [0.5]  # the pipeline itself is left alone
+
+
+def test_calibration_needs_a_two_stage_model(pipe, low_res, static):
+    with pytest.raises(ValueError, match="two-stage"):
+        calibrate_spread(pipe, low_res, low_res, static_fields=static)
+    with pytest.raises(ValueError, match="no regression_unet"):
+        pipe.regression_pipeline()
