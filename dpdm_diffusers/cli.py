@@ -39,7 +39,7 @@ def downscale(
     steps: int = typer.Option(10, min=1, help="Denoising steps."),
     scheduler: str = typer.Option("dpmsolver++", help="ddpm | ddim | dpmsolver++ | unipc | euler"),
     seed: int = typer.Option(0, help="Seed of the ensemble."),
-    batch_size: int = typer.Option(32, min=1, help="Tiles per UNet call."),
+    batch_size: int = typer.Option(16, min=1, help="Tiles per UNet call (16 was fastest on CPU: benchmarks/results/speed.md)."),
     static: Optional[Path] = typer.Option(None, exists=True, help="Static fields on the target grid (default: packaged)."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda"),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),

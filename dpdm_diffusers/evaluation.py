@@ -66,7 +66,7 @@ def evaluate_glosea4(
     num_inference_steps: int = 10,
     seed: int = 0,
     max_fields: int | None = None,
-    batch_size: int = 32,
+    batch_size: int = 16,
     regions: Sequence[str] = ("global", "east_asia", "gulf_coast", "northern_australia"),
     progress: bool = True,
 ) -> EvaluationResult:

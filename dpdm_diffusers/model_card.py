@@ -56,7 +56,7 @@ from dpdm_diffusers import DownscalingPipeline
 
 pipe = DownscalingPipeline.from_pretrained("{load_id}")
 out = pipe(low_res,                      # xr.Dataset with {list(config['variables'])} in {list(config['units'])}
-           num_members=10, num_inference_steps=25,
+           num_members=10, num_inference_steps=20,
            generator=torch.Generator().manual_seed(0))
 out.mean, out.std, out.members           # xarray on the x{config['scale_factor']} grid
 ```"""
