@@ -9,13 +9,13 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 
 .PHONY: venv install test test-slow demo lint clean
 
+# uv installs the rest in parallel (44-63 s here, against about 100 s with pip) and keeps the torch
+# installed first; plain pip if uv cannot be had.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 ifneq ($(HAS_GPU),1)
 	$(PIP) install -q $(TORCH_PIN)
 endif
-	# uv installs the rest in parallel (about 60 s instead of 100 s here) and keeps the torch above;
-	# plain pip if uv cannot be had
 	( $(PIP) install -q uv && $(PY) -m uv pip install -q --python $(PY) -e ".[dev,data]" ) || $(PIP) install -q -e ".[dev,data]"
 	touch $@
 
