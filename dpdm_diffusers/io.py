@@ -44,10 +44,11 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = 
     if fmt == "netcdf":
         ds.to_netcdf(tmp, encoding=_encoding(ds))
     else:
-        ds.to_zarr(tmp, mode="w")
-    if path.exists():
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    os.replace(tmp, path)
+        # Zarr format 2 with consolidated metadata: what most Pangeo readers (and zarr v2) open
+        ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
+    if path.is_dir():  # a zarr store: os.replace cannot replace a non-empty directory
+        shutil.rmtree(path)
+    os.replace(tmp, path)  # a file is replaced atomically
     return path
 
 

@@ -21,6 +21,8 @@ def test_write_dataset_round_trip_and_refuses_to_clobber(tmp_path, suffix):
     back = xr.open_dataset(path, engine="zarr" if suffix == ".zarr" else None)
     np.testing.assert_allclose(back.tas.values, ds.tas.values)
     assert back.tas.attrs["units"] == "K"
+    if suffix == ".zarr":  # Zarr format 2 with consolidated metadata, readable by zarr v2 and v3 alike
+        assert (path / ".zgroup").exists() and (path / ".zmetadata").exists()
     with pytest.raises(FileExistsError, match="overwrite"):
         write_dataset(ds, path)
     write_dataset(ds + 1, path, overwrite=True)
