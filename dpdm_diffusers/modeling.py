@@ -74,4 +74,3 @@ def default_sampler(config=None):
     return DPMSolverMultistepScheduler.from_config(
         config if config is not None else default_scheduler().config, algorithm_type="dpmsolver++", timestep_spacing="leading"
     )
-

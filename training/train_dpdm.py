@@ -235,6 +235,12 @@ def load_regression_model(path: str, base=None):
     return reg
 
 
+def regression_forward(unet, target, cond):
+    """A regression UNet's prediction: one pass at t = 0 on zero noise (how the pipeline runs it too)."""
+    t0 = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
+    return unet(torch.cat([torch.zeros_like(target), cond], dim=1), t0).sample
+
+
 @torch.no_grad()
 def regression_residual_rms(reg_unet, dataset, num_batches: int, batch_size: int, device) -> list[float]:
     """Per-variable RMS of (model-space target - regression prediction) over training patches: the scale
@@ -244,7 +250,7 @@ def regression_residual_rms(reg_unet, dataset, num_batches: int, batch_size: int
     sq, n = None, None
     for _, batch in zip(range(num_batches), loader):
         target, cond, mask = batch["target"].to(device), batch["condition"].to(device), batch["mask"].float().to(device)
-        mean = reg_unet(torch.cat([torch.zeros_like(target), cond], 1), torch.zeros(len(target), dtype=torch.long, device=device)).sample
+        mean = regression_forward(reg_unet, target, cond)
         err = (target - mean.float()) ** 2 * mask
         sq = err.sum((0, 2, 3)) if sq is None else sq + err.sum((0, 2, 3))
         n = mask.sum((0, 2, 3)) if n is None else n + mask.sum((0, 2, 3))
@@ -547,8 +553,7 @@ def main(argv=None) -> Path:
                 target, cond, mask = batch["target"], batch["condition"], batch["mask"].float()
                 if reg_unet is not None:  # two-stage: learn what the frozen regression mean misses
                     with torch.no_grad():
-                        t0 = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
-                        mean = reg_unet(torch.cat([torch.zeros_like(target), cond], dim=1), t0).sample
+                        mean = regression_forward(reg_unet, target, cond)
                     target = (target - mean.to(target.dtype)) / stochastic_scale
                 if cfg.objective == "diffusion":
                     gen = noise_rng.generator
@@ -559,8 +564,7 @@ def main(argv=None) -> Path:
                     pred = unet(torch.cat([noisy, cond], dim=1), t).sample
                     goal = noise
                 else:  # deterministic baseline: zero noise, t = 0, predict the target itself
-                    t = torch.zeros(target.shape[0], dtype=torch.long, device=target.device)
-                    pred = unet(torch.cat([torch.zeros_like(target), cond], dim=1), t).sample
+                    pred = regression_forward(unet, target, cond)
                     goal = target
                 # L2 over valid (unmasked) points only
                 loss = (F.mse_loss(pred.float(), goal.float(), reduction="none") * mask).sum() / mask.sum().clamp_min(1)
