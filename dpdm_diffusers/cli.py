@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -40,7 +41,9 @@ def downscale(
     scheduler: str = typer.Option("dpmsolver++", help="ddpm | ddim | dpmsolver++ | unipc | euler"),
     seed: int = typer.Option(0, help="Seed of the ensemble."),
     batch_size: int = typer.Option(16, min=1, help="Tiles per UNet call (16 was fastest on CPU: benchmarks/results/speed.md)."),
-    static: Optional[Path] = typer.Option(None, exists=True, help="Static fields on the target grid (default: packaged)."),
+    static: Optional[Path] = typer.Option(None, exists=True, help="Static fields file, any regular grid (default: packaged)."),
+    variable: list[str] = typer.Option([], "--variable", help="Your variable name = the model's, e.g. air_temperature=surface_temperature."),
+    static_map: list[str] = typer.Option([], "--static-map", help="Variable name in the --static file = channel, e.g. orog=topography."),
     device: str = typer.Option("cpu", help="torch device, e.g. cuda"),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
 ):
@@ -49,21 +52,38 @@ def downscale(
     import xarray as xr
 
     from dpdm_diffusers import DownscalingPipeline
-    from dpdm_diffusers.data import standardize
+    from dpdm_diffusers.data import parse_mapping, standardize
     from dpdm_diffusers.evaluation import set_scheduler
+    from dpdm_diffusers.grids import Grid
     from dpdm_diffusers.io import ensemble_dataset, write_dataset
 
     if output.exists() and not overwrite:
         raise typer.BadParameter(f"{output} exists; pass --overwrite to replace it.", param_hint="--output")
-    pipe = set_scheduler(DownscalingPipeline.from_pretrained(model), scheduler).to(device)
-    ds = standardize(xr.open_dataset(input, engine="zarr" if input.suffix == ".zarr" else None))
-    ds = ds[list(pipe.config.variables)]
-    static_fields = None
-    if static is not None:
-        sds = standardize(xr.open_dataset(static))
-        static_fields = {k: sds[k] for k in pipe.config.static_channels}
-    out = pipe(ds, static_fields=static_fields, num_members=members, num_inference_steps=steps,
-               generator=torch.Generator().manual_seed(seed), batch_size=batch_size)
+    try:
+        mapping = parse_mapping(variable)
+        pipe = set_scheduler(DownscalingPipeline.from_pretrained(model), scheduler).to(device)
+        ds = standardize(xr.open_dataset(input, engine="zarr" if input.suffix == ".zarr" else None))
+        wanted = [k for k, v in mapping.items() if v in pipe.config.variables]
+        names = [v for v in pipe.config.variables if v not in mapping.values()] + wanted
+        missing = [v for v in names if v not in ds.data_vars]
+        if missing:
+            spare = [str(v) for v in ds.data_vars if v not in names]
+            hint = f" If {spare[0]!r} is your name for {missing[0]!r}, pass --variable {spare[0]}={missing[0]}." if len(spare) == 1 == len(missing) else ""
+            raise ValueError(f"{input} lacks the model's variables {missing}; it holds {sorted(map(str, ds.data_vars))}.{hint}")
+        ds = ds[names]
+        static_fields = None
+        if static is not None:
+            from dpdm_diffusers.static_fields import get_static_fields
+
+            grid = Grid.from_xarray(ds).refine(pipe.config.scale_factor)
+            channels = list(pipe.config.static_channels)
+            sf = get_static_fields(grid, channels, sources={c: xr.open_dataset(static) for c in channels},
+                                   rename=parse_mapping(static_map))
+            static_fields = {k: sf[k] for k in sf.data_vars}
+        out = pipe(ds, static_fields=static_fields, num_members=members, num_inference_steps=steps,
+                   generator=torch.Generator().manual_seed(seed), batch_size=batch_size, variable_map=mapping)
+    except (KeyError, ValueError) as err:  # bad input: the message, not a traceback
+        raise typer.BadParameter(str(err).strip("'\"")) from None
     path = write_dataset(ensemble_dataset(out.members, out.mean, out.std), output, overwrite=overwrite)
     typer.echo(f"wrote {path}")
 
@@ -102,30 +122,60 @@ def evaluate(
 
 @app.command()
 def calibrate(
+    high_res: list[str] = typer.Argument(None, help="Your high-res validation files (default: the glosea4-ts-x4 validation month)."),
     model: str = typer.Option(str(DEFAULT_MODEL), help="Two-stage pipeline folder."),
-    benchmark: str = typer.Option("glosea4-ts-x4", help="Benchmark whose validation split is used (glosea4-ts-x4)."),
+    benchmark: str = typer.Option("glosea4-ts-x4", help="Benchmark whose validation split is used when no files are given."),
+    validation_time: Optional[str] = typer.Option(None, help="With files: the validation period start,end (default: all)."),
+    variable: list[str] = typer.Option([], "--variable", help="Your variable name = the model's, e.g. air_temperature=surface_temperature."),
+    lat_box: Optional[str] = typer.Option(None, help="With files: region south,north."),
+    lon_box: Optional[str] = typer.Option(None, help="With files: region west,east."),
+    low_res: list[str] = typer.Option([], "--low-res", help="With files: a real low-res source (default: block means)."),
+    max_samples: int = typer.Option(16, min=1, help="Validation fields used."),
     members: int = typer.Option(8, min=2, help="Ensemble size of the calibration run."),
-    steps: int = typer.Option(10, min=1, help="Denoising steps."),
+    steps: int = typer.Option(10, min=1, help="Denoising steps (calibrate for the step count you sample with)."),
     seed: int = typer.Option(0),
     write: bool = typer.Option(False, help="Store the calibrated stochastic_std in the folder's model_index.json."),
 ):
-    """Scale a two-stage model's spread to the lowest fair CRPS on the benchmark's validation month."""
+    """Scale a two-stage model's spread to the lowest fair CRPS on validation data: yours, or the benchmark's."""
     import json
     import os
 
     from dpdm_diffusers import DownscalingPipeline
     from dpdm_diffusers.calibration import calibrate_spread
-    from dpdm_diffusers.glosea4 import load_glosea4_benchmark
 
-    if benchmark != "glosea4-ts-x4":
-        raise typer.BadParameter(f"unknown benchmark {benchmark!r}; available: glosea4-ts-x4")
     pipe = DownscalingPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
-    bench = load_glosea4_benchmark()
-    truth, low = bench.split("validation")
-    res = calibrate_spread(pipe, low.rename(member="realization"), truth.rename(member="realization"),
-                           static_fields={k: bench.static[k] for k in bench.static.data_vars},
-                           num_members=members, num_inference_steps=steps, seed=seed)
+    if high_res:
+        from dpdm_diffusers.user_data import load_region, validation_inputs
+
+        try:
+            import warnings
+
+            with warnings.catch_warnings():  # "no validation split" is not news here: all of the files is the split
+                warnings.simplefilter("ignore", UserWarning)
+                region = load_region(
+                    high_res, scale_factor=pipe.config.scale_factor, low_res=low_res or None,
+                    variables=list(pipe.config.variables), variable_map=variable,
+                    units=dict(zip(pipe.config.variables, pipe.config.units)),
+                    lat_box=_pair(lat_box, "--lat-box"), lon_box=_pair(lon_box, "--lon-box"),
+                    static_channels=list(pipe.config.static_channels), validation_time=_pair(validation_time, "--validation-time"),
+                )
+            if region.validation is None:
+                region.validation = {}  # every field of the files
+            low, truth, static = validation_inputs(region, max_samples)
+        except (KeyError, ValueError) as err:
+            raise typer.BadParameter(str(err).strip("'\"")) from None
+        res = calibrate_spread(pipe, low, truth, static_fields=static, num_members=members, num_inference_steps=steps, seed=seed)
+    else:
+        from dpdm_diffusers.glosea4 import load_glosea4_benchmark
+
+        if benchmark != "glosea4-ts-x4":
+            raise typer.BadParameter(f"unknown benchmark {benchmark!r}; available: glosea4-ts-x4 (or pass your files)")
+        bench = load_glosea4_benchmark()
+        truth, low = bench.split("validation")
+        res = calibrate_spread(pipe, low.rename(member="realization"), truth.rename(member="realization"),
+                               static_fields={k: bench.static[k] for k in bench.static.data_vars},
+                               num_members=members, num_inference_steps=steps, seed=seed)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=2))
     if write:
         index = Path(model) / "model_index.json"
@@ -133,10 +183,103 @@ def calibrate(
             raise typer.BadParameter(f"{model} is not a local pipeline folder; --write needs one.")
         cfg = json.loads(index.read_text())
         cfg["stochastic_std"] = res["stochastic_std"]
-        tmp = index.with_suffix(".json.tmp")
+        tmp = index.with_suffix(f".json.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         os.replace(tmp, index)  # atomic: the folder is never left with a half-written config
         typer.echo(f"wrote stochastic_std={res['stochastic_std']} to {index}")
+
+
+def _pair(text: Optional[str], what: str) -> list[str]:
+    if not text:
+        return []
+    parts = [x.strip() for x in text.split(",")]
+    if len(parts) != 2 or not all(parts):
+        raise typer.BadParameter(f"{what} is written as two comma-separated values (e.g. 1860,2000), got {text!r}")
+    return parts
+
+
+def finetune_argv(
+    high_res: list[str], *, model: str, output_dir: str, variable: list[str] = (), static_map: list[str] = (),
+    static: list[str] = (), low_res: list[str] = (), train_time: str | None = None, validation_time: str | None = None,
+    lat_box: str | None = None, lon_box: str | None = None, validation_lat_box: str | None = None,
+    validation_lon_box: str | None = None, steps: int = 500, regression_steps: int | None = None, batch_size: int = 16,
+    learning_rate: float = 1e-4, seed: int = 0, regular_grid: bool = False, config: str | None = None,
+    resume: bool = False, extra: list[str] = (),
+) -> list[str]:
+    """The training-script arguments that ``dpdm finetune`` runs (also what the README recipe shows)."""
+    from dpdm_diffusers.data import parse_mapping
+
+    argv = ["--config", config] if config else []
+    argv += ["--init_from", model, "--output_dir", output_dir, "--high_res", ",".join(high_res),
+             "--max_train_steps", str(steps), "--train_batch_size", str(batch_size), "--learning_rate", str(learning_rate),
+             "--seed", str(seed), "--report_to", "none"]
+    if regression_steps is not None:
+        argv += ["--regression_steps", str(regression_steps)]
+    for flag, value in (("--variable_map", variable), ("--static_map", static_map)):
+        mapping = parse_mapping(list(value))
+        if mapping:
+            argv += [flag, json.dumps(mapping)]
+    if static:
+        argv += ["--static_files", json.dumps({k: v for k, v in parse_mapping(list(static)).items()})]
+    if low_res:
+        argv += ["--low_res", ",".join(low_res)]
+    for flag, value, what in (("--train_time", train_time, "--train-time"), ("--validation_time", validation_time, "--validation-time"),
+                              ("--lat_box", lat_box, "--lat-box"), ("--lon_box", lon_box, "--lon-box"),
+                              ("--validation_lat_box", validation_lat_box, "--validation-lat-box"),
+                              ("--validation_lon_box", validation_lon_box, "--validation-lon-box")):
+        if value:
+            argv += [flag, ",".join(_pair(value, what))]
+    if regular_grid:
+        argv += ["--regular_grid", "true"]
+    if resume:
+        argv += ["--resume_from_checkpoint", "latest"]
+    return argv + list(extra)
+
+
+@app.command()
+def finetune(
+    high_res: list[str] = typer.Argument(..., help="Your high-res files: netCDF or zarr, globs allowed (quote them)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder of the fine-tuned model (checkpoints too)."),
+    model: str = typer.Option(str(DEFAULT_MODEL), help="Base model: pipeline folder or Hub id."),
+    variable: list[str] = typer.Option([], "--variable", help="Your variable name = the model's, e.g. air_temperature=surface_temperature (repeatable)."),
+    static: list[str] = typer.Option([], "--static", help="Your static field file per channel, e.g. topography=orog.nc (default: packaged global data)."),
+    static_map: list[str] = typer.Option([], "--static-map", help="Variable name in a --static file = channel, e.g. orog=topography."),
+    low_res: list[str] = typer.Option([], "--low-res", help="A real low-res source (default: block means of the high-res)."),
+    train_time: Optional[str] = typer.Option(None, help="Training period start,end (inclusive), e.g. 1860,2000."),
+    validation_time: Optional[str] = typer.Option(None, help="Validation period start,end: scores, spread calibration."),
+    lat_box: Optional[str] = typer.Option(None, help="Region south,north (trimmed to whole coarse cells, logged)."),
+    lon_box: Optional[str] = typer.Option(None, help="Region west,east (either longitude convention; may cross the dateline)."),
+    validation_lat_box: Optional[str] = typer.Option(None, help="Spatial validation box south,north (for few time steps)."),
+    validation_lon_box: Optional[str] = typer.Option(None, help="Spatial validation box west,east."),
+    steps: int = typer.Option(500, min=1, help="Training steps (of each stage of a two-stage model)."),
+    regression_steps: Optional[int] = typer.Option(None, min=1, help="Steps of the regression stage (default: --steps)."),
+    batch_size: int = typer.Option(16, min=1, help="Patches per step."),
+    learning_rate: float = typer.Option(1e-4, min=0.0, help="AdamW learning rate."),
+    seed: int = typer.Option(0),
+    regular_grid: bool = typer.Option(False, help="Put near-regular (e.g. Gaussian) latitudes on a regular grid, conservatively."),
+    config: Optional[Path] = typer.Option(None, exists=True, help="YAML with any other training option (see train_dpdm --help)."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --output-dir."),
+):
+    """Fine-tune a model on your region in one command: both stages of a two-stage model, then its spread.
+
+    A two-stage model (the default) gets its regression stage fine-tuned, then its diffusion stage on the new
+    regression, stochastic_std re-estimated and the spread calibrated on --validation-time (or the validation box).
+    Same as `accelerate launch -m dpdm_diffusers.training.train_dpdm --init_from MODEL ...`, which scales to GPUs.
+    """
+    from dpdm_diffusers.training.train_dpdm import main as train_main
+
+    argv = finetune_argv(high_res, model=model, output_dir=str(output_dir), variable=variable, static_map=static_map,
+                         static=static, low_res=low_res, train_time=train_time, validation_time=validation_time,
+                         lat_box=lat_box, lon_box=lon_box, validation_lat_box=validation_lat_box,
+                         validation_lon_box=validation_lon_box, steps=steps, regression_steps=regression_steps,
+                         batch_size=batch_size, learning_rate=learning_rate, seed=seed, regular_grid=regular_grid,
+                         config=str(config) if config else None, resume=resume)
+    typer.echo("dpdm finetune runs: python -m dpdm_diffusers.training.train_dpdm " + " ".join(shlex.quote(a) for a in argv))
+    try:
+        out = train_main(argv)
+    except (KeyError, ValueError) as err:  # data problems: a message, not a traceback
+        raise typer.BadParameter(str(err).strip("'\"")) from None
+    typer.echo(f"fine-tuned model in {out}")
 
 
 @app.command()

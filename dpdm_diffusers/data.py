@@ -31,7 +31,11 @@ __all__ = [
     "open_dataset",
     "standardize",
     "set_lon_convention",
+    "regularize",
     "select_variables",
+    "map_variables",
+    "parse_mapping",
+    "convert_to_units",
     "select_time",
     "select_box",
     "check_units",
@@ -154,11 +158,12 @@ def _find_dim(ds, names) -> str | None:
     return None
 
 
-def standardize(obj, *, lon_convention: str | None = None):
+def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = False):
     """Rename spatial/time dims to ``lat``/``lon``/``time``, check regularity, sort latitude ascending.
 
     Works on a Dataset or DataArray. Raises ``ValueError`` for rotated-pole, curvilinear (2-D lat/lon)
-    or irregular grids, with a message that says what to do.
+    or irregular grids, with a message that says what to do; ``regular_grid=True`` instead puts a
+    near-regular grid (e.g. Gaussian latitudes) on a regular one with :func:`regularize`.
     """
     rotated = [d for d in _ROTATED if d in obj.dims]
     if rotated:
@@ -213,8 +218,17 @@ def standardize(obj, *, lon_convention: str | None = None):
             obj = obj.isel({d: slice(None, None, -1)})  # descending: a lazy view, no sort needed
         elif not np.all(step > 0):
             obj = obj.sortby(d)  # e.g. longitudes stored 0..180 then -180..0
-    check_regular(obj["lat"].values, "lat")
-    check_regular(obj["lon"].values, "lon")
+    try:
+        check_regular(obj["lat"].values, "lat")
+        check_regular(obj["lon"].values, "lon")
+    except ValueError as err:
+        if "irregular" not in str(err):
+            raise
+        if not regular_grid:
+            raise ValueError(f"{err} Near-regular grids (e.g. Gaussian latitudes) can be put on a regular grid "
+                             "conservatively with `dpdm_diffusers.data.regularize(ds)` (training/finetune option "
+                             "`regular_grid: true`, CLI `--regular-grid`).") from None
+        obj = regularize(obj)
     obj = obj.assign_coords(
         lat=obj["lat"].assign_attrs(units="degrees_north", standard_name="latitude"),
         lon=obj["lon"].assign_attrs(units="degrees_east", standard_name="longitude"),
@@ -223,6 +237,39 @@ def standardize(obj, *, lon_convention: str | None = None):
         if not obj.indexes["time"].is_monotonic_increasing:
             obj = obj.sortby("time")
     return obj
+
+
+def regularize(obj, *, max_irregularity: float = 0.25):
+    """Put a near-regular lat/lon grid (e.g. Gaussian latitudes) on a regular one with the same number of
+    points, conservatively (area-weighted, with xarray-regrid), so area means are kept.
+
+    A global latitude axis becomes cell centres ``-90 + (i + 1/2) * 180/n``; a regional one spans the same
+    first and last values. Axes whose spacing varies by more than ``max_irregularity`` (a fraction of the
+    mean step) are refused: that is not a near-regular grid, regrid it deliberately instead.
+    """
+    import xarray_regrid  # noqa: F401  (registers the .regrid accessor)
+
+    new = {}
+    for d in ("lat", "lon"):
+        v = np.asarray(obj[d].values, dtype=np.float64)
+        step = np.diff(v)
+        if np.max(np.abs(step - step.mean())) > max_irregularity * abs(step.mean()):
+            raise ValueError(f"`{d}` spacing varies from {step.min():.4g} to {step.max():.4g}: not a near-regular grid.")
+        mean = (v[-1] - v[0]) / (v.size - 1)
+        if d == "lat" and abs(abs(v[0]) + abs(mean) / 2 - 90) < abs(mean) and abs(abs(v[-1]) + abs(mean) / 2 - 90) < abs(mean):
+            new[d] = np.sign(mean) * (-90 + (np.arange(v.size) + 0.5) * 180.0 / v.size)
+        else:
+            new[d] = v[0] + mean * np.arange(v.size)
+    target = xr.Dataset(coords={"lat": new["lat"], "lon": new["lon"]})
+    if isinstance(obj, xr.DataArray):
+        out = obj.to_dataset(name=obj.name or "__da__").regrid.conservative(target, latitude_coord="lat")
+        out = out[obj.name or "__da__"].rename(obj.name)
+    else:
+        out = obj.regrid.conservative(target, latitude_coord="lat")
+        for k in obj.data_vars:
+            if k in out.data_vars:
+                out[k].attrs = obj[k].attrs
+    return out.assign_coords(lat=out["lat"].assign_attrs(obj["lat"].attrs), lon=out["lon"].assign_attrs(obj["lon"].attrs))
 
 
 def set_lon_convention(obj, convention: str):
@@ -247,6 +294,63 @@ def select_variables(ds: xr.Dataset, variables: Sequence[str] | str) -> xr.Datas
             "Rename with `ds.rename({'old': 'new'})` if the names differ."
         )
     return ds[variables]
+
+
+def parse_mapping(items) -> dict[str, str]:
+    """``{"yours": "model's"}`` from a mapping, ``"a=b,c=d"`` or ``["a=b", "c=d"]`` (CLI and YAML forms)."""
+    if not items:
+        return {}
+    if isinstance(items, Mapping):
+        return {str(k): str(v) for k, v in items.items()}
+    if isinstance(items, str):
+        items = [x for x in items.split(",") if x.strip()]
+    out = {}
+    for item in items:
+        if "=" not in str(item):
+            raise ValueError(f"A name mapping is written yours=model's (e.g. air_temperature=surface_temperature), got {item!r}.")
+        k, v = (x.strip() for x in str(item).split("=", 1))
+        out[k] = v
+    return out
+
+
+def map_variables(ds: xr.Dataset, expected: Sequence[str], mapping: Mapping[str, str] | None = None, *,
+                  what: str = "variables", option: str = "variable_map") -> xr.Dataset:
+    """Rename ``ds``'s variables with ``mapping`` (yours -> the model's) and keep exactly ``expected``.
+
+    When names still differ the error says which are missing, what the data holds, and the mapping to
+    pass: with one missing and one unknown name it spells it out (``--variable air_temperature=surface_temperature``
+    on the command line, ``variable_map: {air_temperature: surface_temperature}`` in a training config,
+    ``variable_map={...}`` in Python). Whether your variable may stand in for the model's is your call:
+    fine-tuning on your data adapts the model to it.
+    """
+    mapping = dict(mapping or {})
+    unknown = [k for k in mapping if k not in ds.data_vars]
+    if unknown:
+        raise KeyError(f"The {option} names {unknown}, which the data does not hold; it holds {sorted(map(str, ds.data_vars))}.")
+    ds = ds.rename(mapping) if mapping else ds
+    expected = list(expected)
+    missing = [v for v in expected if v not in ds.data_vars]
+    if missing:
+        spare = [str(v) for v in ds.data_vars if v not in expected and str(v) not in _COORD_LIKE]
+        hint = ""
+        if len(missing) == 1 and len(spare) == 1:
+            a, b = spare[0], missing[0]
+            hint = (f" If {a!r} is your name for {b!r}, map it: `--{option.replace('_map', '')} {a}={b}` (CLI), "
+                    f"`{option}: {{{a}: {b}}}` (config) or `{option}={{{a!r}: {b!r}}}` (Python).")
+        raise KeyError(f"The model's {what} {missing} are not in the data, which holds {sorted(map(str, ds.data_vars))}.{hint}")
+    return ds[expected]
+
+
+# variables that netCDF files carry beside the data (bounds, grid mappings) and that are never a mapping target
+_COORD_LIKE = ("latitude_longitude", "crs", "time_bnds", "lat_bnds", "lon_bnds", "time_bounds", "spatial_ref")
+
+
+def convert_to_units(ds: xr.Dataset, units: Mapping[str, str]) -> xr.Dataset:
+    """Each ``name: units`` variable of ``ds`` in those units (``degC`` -> ``K`` etc. by pint); a missing
+    ``units`` attribute or incompatible units raise ``ValueError`` naming the variable."""
+    from .units import convert_units
+
+    return ds.assign({name: convert_units(ds[name], want, name) for name, want in units.items()})
 
 
 def select_time(obj, time):
@@ -316,39 +420,11 @@ def select_box(obj, lat: tuple[float, float] | None = None, lon: tuple[float, fl
 # ----------------------------------------------------------------------------------------------
 # units
 # ----------------------------------------------------------------------------------------------
-_UNIT_ALIASES = {
-    "kelvin": "k", "degk": "k", "deg_k": "k", "degreek": "k", "degrees_k": "k",
-    "celsius": "degc", "deg_c": "degc", "degreec": "degc", "degrees_c": "degc", "°c": "degc",
-    "degree_celsius": "degc", "degrees_celsius": "degc",
-    "meter": "m", "metre": "m", "meters": "m", "metres": "m",
-    "1": "1", "fraction": "1", "(0-1)": "1", "0-1": "1",
-    "percent": "%",
-    "pascal": "pa",
-}
-
-
-def _canonical_units(units: str) -> str:
-    """A comparable spelling of a unit string: ``"m/s"``, ``"m s-1"`` and ``"m s**-1"`` all agree."""
-    u = str(units).strip().lower().replace("**", "").replace("^", "").replace("·", " ").replace("*", " ")
-    u = _UNIT_ALIASES.get(u, u)
-    # a/b/c -> a b-1 c-1
-    parts = [p.strip() for p in u.split("/")]
-    tokens = parts[0].split()
-    for p in parts[1:]:
-        for tok in p.split():
-            m = re.fullmatch(r"([a-z%°]+)(-?\d+)?", tok)
-            if m:
-                power = -int(m.group(2) or 1)
-                tokens.append(f"{m.group(1)}{power}")
-            else:
-                tokens.append(tok + "-1")
-    tokens = [_UNIT_ALIASES.get(t, t) for t in tokens]
-    return " ".join(sorted(tokens)) if tokens else ""
-
-
 def same_units(a: str, b: str) -> bool:
-    """Whether two unit strings spell the same unit (``"K"``/``"kelvin"``, ``"m/s"``/``"m s-1"``)."""
-    return _canonical_units(a) == _canonical_units(b)
+    """Whether two unit strings spell the same unit (``"K"``/``"kelvin"``, ``"m/s"``/``"m s-1"``); pint decides."""
+    from .units import same_units as _same
+
+    return _same(a, b)
 
 
 def check_units(ds: xr.Dataset, expected: Mapping[str, str]) -> None:
@@ -557,12 +633,16 @@ def make_pairs(
     mismatched = []
     for v in variables:
         hu, lu = high_res[v].attrs.get("units"), low_res[v].attrs.get("units")
-        if hu is not None and lu is not None and not same_units(hu, lu):
-            mismatched.append(f"{v}: high-res {hu!r} vs low-res {lu!r}")
-        elif (hu is None) != (lu is None):
+        if (hu is None) != (lu is None):
             mismatched.append(f"{v}: units given on one side only ({hu!r} vs {lu!r})")
+        elif hu is not None and not same_units(hu, lu):
+            from .units import compatible_units
+
+            if not compatible_units(lu, hu):
+                mismatched.append(f"{v}: high-res {hu!r} vs low-res {lu!r}")
     if mismatched:
         raise ValueError("Mismatched units: " + "; ".join(mismatched) + ". Convert one side first.")
+    low_res = convert_to_units(low_res, {v: high_res[v].attrs["units"] for v in variables if "units" in high_res[v].attrs})
     low_res = check_time_axes(high_res, low_res, tolerance=time_tolerance)
     if scale_factor is None:
         scale_factor = _spacing_ratio(Grid.from_xarray(low_res), grid)

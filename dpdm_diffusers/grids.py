@@ -132,6 +132,15 @@ def interpolate(values: np.ndarray, src: Grid, dst: Grid, method: str = "bilinea
     values = np.asarray(values)
     if values.shape[-2:] != src.shape:
         raise ValueError(f"Values of shape {values.shape} do not match the source grid {src.shape}.")
+    missing = np.isnan(values) if np.issubdtype(values.dtype, np.floating) else None
+    if missing is not None and missing.any():
+        # Splines need finite input everywhere (scipy refuses NaN): interpolate a copy with each gap filled
+        # from its nearest valid cell, then mask every target point whose bilinear stencil touches a gap,
+        # so bilinear and bicubic give the same mask and no filled value leaks out as data.
+        out = interpolate(_fill_nearest(values, missing), src, dst, method)
+        touched = interpolate(missing.astype(np.float32), src, dst, "bilinear") > 1e-6
+        out[touched] = np.nan
+        return out
     lat, lon = src.lat, src.lon
     if lat[0] > lat[-1]:
         lat, values = lat[::-1], values[..., ::-1, :]
@@ -162,6 +171,21 @@ def interpolate(values: np.ndarray, src: Grid, dst: Grid, method: str = "bilinea
     out = interp(np.stack([yy.ravel(), xx.ravel()], axis=-1))  # (H*W, B)
     out = np.moveaxis(out, -1, 0).reshape(*batch, *dst.shape)
     return out.astype(values.dtype, copy=False)
+
+
+def _fill_nearest(values: np.ndarray, missing: np.ndarray) -> np.ndarray:
+    """Each NaN of every 2-D field replaced by its nearest valid value (all-NaN fields become 0)."""
+    from scipy.ndimage import distance_transform_edt
+
+    flat = values.reshape(-1, *values.shape[-2:]).copy()
+    gaps = missing.reshape(flat.shape)
+    for k in range(flat.shape[0]):
+        if gaps[k].all():
+            flat[k] = 0.0
+        elif gaps[k].any():
+            _, (iy, ix) = distance_transform_edt(gaps[k], return_indices=True)
+            flat[k] = flat[k][iy, ix]
+    return flat.reshape(values.shape)
 
 
 def block_mean(values: np.ndarray, factor: int) -> np.ndarray:

@@ -7,6 +7,8 @@ that says what the model expects (variables, units, grids, static fields).
 
 from __future__ import annotations
 
+import os
+import re
 from typing import Any, Mapping
 
 import yaml
@@ -14,7 +16,7 @@ import yaml
 DEFAULT_TAGS = ["diffusers", "climate", "downscaling", "super-resolution", "dpdm", "xarray"]
 
 
-def _config_table(config: Mapping[str, Any]) -> str:
+def _config_table(config: Mapping[str, Any], pipe=None) -> str:
     rows = [
         ("variables", ", ".join(f"{v} [{u}] ({t})" for v, u, t in zip(config["variables"], config["units"], config["transforms"]))),
         ("static channels", ", ".join(config.get("static_channels") or []) or "none"),
@@ -28,7 +30,30 @@ def _config_table(config: Mapping[str, Any]) -> str:
     if std and any(abs(x - 1.0) > 1e-12 for x in std):  # two-stage pipelines carry a regression_unet
         rows.append(("two-stage", "regression UNet mean + residual diffusion (CorrDiff); stochastic std "
                      + ", ".join(f"{x:.3f}" for x in std)))
+    if pipe is not None:
+        from .modeling import describe_unet
+
+        for name in ("unet", "regression_unet"):
+            unet = getattr(pipe, name, None)
+            if unet is not None:
+                rows.append((name, describe_unet(unet)))
     return "\n".join(["| setting | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows])
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+PLACEHOLDER_ID = "path/to/this/folder"
+
+
+def base_model_reference(path_or_id: str, base=None) -> tuple[str | None, str]:
+    """``(hub_id, text)`` naming a base model in a card: its Hub id when it has one (recorded in the base
+    folder's ``model_index.json`` as ``hub_id`` by ``push_to_hub``, or given as an id), never a local path."""
+    hub_id = (base.config.get("hub_id") if base is not None else None) or None
+    if hub_id is None and path_or_id and not os.path.exists(path_or_id) and _HUB_ID.fullmatch(str(path_or_id)):
+        hub_id = str(path_or_id)
+    if hub_id:
+        return hub_id, f"[`{hub_id}`](https://huggingface.co/{hub_id})"
+    name = os.path.basename(os.path.normpath(str(path_or_id)))
+    return None, f"the local model `{name}` (no Hub id recorded; a model gets one when it is pushed with `push_to_hub`)"
 
 
 def render_model_card(
@@ -39,17 +64,23 @@ def render_model_card(
     license: str = "apache-2.0",
     datasets: list[str] | None = None,
     base_model: str | None = None,
+    base_text: str | None = None,
     sections: Mapping[str, str] | None = None,
     repo_id: str | None = None,
+    pipe=None,
 ) -> str:
-    """Render a model card (Markdown with Hub front matter) for a pipeline ``config``."""
+    """Render a model card (Markdown with Hub front matter) for a pipeline ``config``.
+
+    ``base_model`` (a Hub id) goes into the front matter; ``base_text`` says what the base is in words.
+    With ``pipe`` the card lists the UNets' architecture as read off the weights.
+    """
     meta: dict[str, Any] = {"library_name": "diffusers", "license": license, "tags": list(DEFAULT_TAGS)}
     if datasets:
         meta["datasets"] = list(datasets)
     if base_model:
         meta["base_model"] = base_model
     meta["pipeline_tag"] = "image-to-image"
-    load_id = repo_id or "path/to/this/folder"
+    load_id = repo_id or config.get("hub_id") or PLACEHOLDER_ID
     usage = f"""```python
 import torch
 from dpdm_diffusers import DownscalingPipeline
@@ -66,10 +97,10 @@ out.mean, out.std, out.members           # xarray on the x{config['scale_factor'
         summary.strip(),
         "## How to use\n\nInstall `dpdm-diffusers` (`pip install dpdm-diffusers`), then:\n\n" + usage,
         "## Model\n\nA conditional diffusion model (DPDM, Ling et al. 2024, doi:10.1038/s41612-024-00679-1) as a "
-        "diffusers `DownscalingPipeline`: `UNet2DModel` + scheduler, weights in safetensors.\n\n" + _config_table(config),
+        "diffusers `DownscalingPipeline`: `UNet2DModel` + scheduler, weights in safetensors.\n\n" + _config_table(config, pipe),
     ]
-    if base_model:
-        parts.append(f"## Base model\n\nFine-tuned from `{base_model}`.")
+    if base_model or base_text:
+        parts.append(f"## Base model\n\nFine-tuned from {base_text or f'`{base_model}`'}.")
     for heading, body in (sections or {}).items():
         parts.append(f"## {heading}\n\n{body.strip()}")
     return "\n\n".join(p for p in parts if p) + "\n"

@@ -74,3 +74,27 @@ def default_sampler(config=None):
     return DPMSolverMultistepScheduler.from_config(
         config if config is not None else default_scheduler().config, algorithm_type="dpmsolver++", timestep_spacing="leading"
     )
+
+
+def preset_of(unet) -> str | None:
+    """The name of the :data:`UNET_PRESETS` entry a UNet (or a UNet config) was built from, or ``None``."""
+    from types import SimpleNamespace
+
+    c = unet.config if hasattr(unet, "config") else SimpleNamespace(**unet)
+    attn = tuple(t.startswith("Attn") for t in c.down_block_types)
+    for name, (channels, attention, layers, _) in UNET_PRESETS.items():
+        if tuple(c.block_out_channels) == tuple(channels) and attn == tuple(attention) and c.layers_per_block == layers:
+            return name
+    return None
+
+
+def describe_unet(unet: UNet2DModel) -> str:
+    """Architecture facts of a UNet as a card line, read off the weights and config (not off a training option)."""
+    c = unet.config
+    preset = preset_of(unet)
+    levels = [i for i, t in enumerate(c.down_block_types) if t.startswith("Attn")]
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    return (f"`UNet2DModel` ({f'preset `{preset}`' if preset else 'custom'}), block_out_channels "
+            f"{tuple(c.block_out_channels)}, {c.layers_per_block} ResNet layer(s) per block, attention at "
+            f"{'levels ' + ', '.join(map(str, levels)) if levels else 'no level'}, {c.in_channels} -> {c.out_channels} "
+            f"channels, {params:.2f} M parameters")

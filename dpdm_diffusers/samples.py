@@ -22,6 +22,7 @@ whose component cannot be identified is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ __all__ = [
     "normalize_fields",
     "vector_components",
     "RandomPatchDataset",
+    "pad_to_patch",
     "build_hf_dataset",
     "read_metadata",
 ]
@@ -255,6 +257,31 @@ def normalize_fields(
     )
 
 
+def pad_to_patch(fields: NormalizedFields, patch_size: int) -> NormalizedFields:
+    """A region smaller than one patch, padded to it the way the pipeline pads at inference.
+
+    The condition (interpolated low-res and static channels) is extended by repeating the last row/column
+    at the north/east end, as ``DownscalingPipeline`` does before tiling; the target there is missing (NaN),
+    so the loss and every score see the real domain only.
+    """
+    ny, nx = fields.shape
+    ph, pw = max(0, patch_size - ny), max(0, patch_size - nx)
+    if not (ph or pw):
+        return fields
+    if fields.periodic and pw:
+        raise ValueError(f"A global grid {nx} points wide is narrower than the patch size {patch_size}.")
+    width = [(0, 0)] * (fields.target.ndim - 2) + [(0, ph), (0, pw)]
+    target = np.pad(fields.target, width, constant_values=np.nan)
+    lerp = np.pad(fields.lerp, width, mode="edge")
+    static = np.pad(fields.static, width[1:], mode="edge") if fields.static.size else np.zeros((0, ny + ph, nx + pw), np.float32)
+    # the padded cells get coordinates continuing the grid, so the result is again a regular grid
+    dlat, dlon = float(np.diff(fields.lat).mean()), float(np.diff(fields.lon).mean())
+    lat = np.concatenate([fields.lat, fields.lat[-1] + dlat * np.arange(1, ph + 1)])
+    lon = np.concatenate([fields.lon, fields.lon[-1] + dlon * np.arange(1, pw + 1)])
+    return dataclasses.replace(fields, target=target, lerp=lerp, static=static, lat=lat, lon=lon,
+                               metadata={**fields.metadata, "padded_from": [ny, nx]})
+
+
 # ----------------------------------------------------------------------------------------------
 # flips and vector components
 # ----------------------------------------------------------------------------------------------
@@ -325,11 +352,17 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         max_tries: int = 10,
         seed: int = 0,
     ):
-        self.fields = fields
         self.patch_size = int(patch_size)
         ny, nx = fields.shape
-        if not 0 < self.patch_size <= min(ny, nx):
-            raise ValueError(f"Patch size {patch_size} does not fit the {ny}x{nx} grid.")
+        if self.patch_size <= 0:
+            raise ValueError(f"Patch size must be positive, got {patch_size}.")
+        if self.patch_size > min(ny, nx):
+            if not isinstance(fields, NormalizedFields):
+                raise ValueError(f"Patch size {patch_size} does not fit the {ny}x{nx} grid (pad small regions in memory: "
+                                 "normalize_fields, not an Arrow store).")
+            fields = pad_to_patch(fields, self.patch_size)
+        self.fields = fields
+        ny, nx = fields.shape
         self.flips = tuple(flips)
         bad = [f for f in self.flips if f not in FLIP_AXES]
         if bad:

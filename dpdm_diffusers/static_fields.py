@@ -289,9 +289,14 @@ def static_dataset(grid: Grid, fields: Mapping[str, np.ndarray], source: Mapping
     return xr.Dataset(data, coords=coords)
 
 
-def _pick_variable(obj, name: str) -> xr.DataArray:
+def _pick_variable(obj, name: str, rename: Mapping[str, str] | None = None) -> xr.DataArray:
     if isinstance(obj, xr.DataArray):
         return obj
+    mapped = [k for k, v in (rename or {}).items() if v == name]
+    if mapped:
+        if mapped[0] not in obj.data_vars:
+            raise KeyError(f"static_map names {mapped[0]!r} for the {name}, but the file holds {sorted(map(str, obj.data_vars))}.")
+        return obj[mapped[0]]
     candidates = {
         "topography": ("topography", "orog", "orography", "elevation", "altitude", "height", "z", "hgt", "surface_altitude"),
         "land_sea_mask": ("land_sea_mask", "lsm", "sftlf", "landmask", "land_mask", "mask", "land_area_fraction", "lsmask"),
@@ -305,15 +310,16 @@ def _pick_variable(obj, name: str) -> xr.DataArray:
     for v in names:
         if obj[v].attrs.get("standard_name") == STATIC_ATTRS.get(name, {}).get("standard_name"):
             return obj[v]
-    raise KeyError(f"Cannot tell which of {names} is the {name}; pass a DataArray instead.")
+    raise KeyError(f"Cannot tell which of {names} is the {name}: map it with static_map={{'<your name>': {name!r}}} "
+                   f"(CLI: --static-map <your name>={name}) or pass a DataArray.")
 
 
-def _user_field(source, name: str, grid: Grid) -> np.ndarray:
+def _user_field(source, name: str, grid: Grid, rename: Mapping[str, str] | None = None) -> np.ndarray:
     """A user's topography or land-sea mask (file, Dataset or DataArray) on ``grid``, in canonical units."""
     from .data import open_dataset, standardize
 
     obj = open_dataset(source) if isinstance(source, (str, os.PathLike)) else source
-    da = standardize(_pick_variable(obj, name))
+    da = standardize(_pick_variable(obj, name, rename))
     extra = [d for d in da.dims if d not in ("lat", "lon")]
     for d in extra:  # invariant fields often carry a length-1 time axis
         if da.sizes[d] != 1:
@@ -351,6 +357,7 @@ def get_static_fields(
     names: Sequence[str] = STATIC_CHANNELS,
     *,
     sources: Mapping[str, object] | None = None,
+    rename: Mapping[str, str] | None = None,
 ) -> xr.Dataset:
     """Static channels on ``grid`` as an ``xr.Dataset`` with variables ``names`` on dims ``(lat, lon)``.
 
@@ -365,6 +372,9 @@ def get_static_fields(
         Optional ``{name: path | xr.Dataset | xr.DataArray}`` with the user's own field on any regular
         grid (e.g. ERA5 ``z`` or ``lsm``, CMIP ``orog``/``sftlf``); other channels come from the
         packaged global sources.
+    rename
+        ``{name in your file: channel}`` (e.g. ``{"orog": "topography"}``) when the file's variable names are
+        not recognised; common names (``orog``, ``z``, ``lsm``, ``sftlf``...) are found without it.
 
     Raises
     ------
@@ -380,7 +390,7 @@ def get_static_fields(
     fields, origin = {}, {}
     for name in names:
         if name in sources:
-            fields[name] = _user_field(sources[name], name, grid)
+            fields[name] = _user_field(sources[name], name, grid, rename)
             origin[name] = "user-provided, regridded to this grid"
         else:
             key = (np.ascontiguousarray(grid.lat, np.float64).tobytes(),

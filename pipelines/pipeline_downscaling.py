@@ -113,6 +113,8 @@ class DownscalingPipeline(DiffusionPipeline):
             prediction is the mean the diffusion UNet adds its samples to (diffusion objective only).
         stochastic_std (`list[float]`): per-variable std of the model-space target minus the regression mean,
             i.e. the scale of what the diffusion UNet generates when ``regression_unet`` is set.
+        hub_id (`str`, *optional*): the model's Hub id, recorded by ``push_to_hub`` so that models fine-tuned
+            from a local copy still name their base by its id.
     """
 
     model_cpu_offload_seq = "regression_unet->unet"
@@ -138,8 +140,10 @@ class DownscalingPipeline(DiffusionPipeline):
         objective: str = "diffusion",
         regression_unet: UNet2DModel | None = None,
         stochastic_std: Sequence[float] | None = None,
+        hub_id: str | None = None,
     ):
         super().__init__()
+        self.model_card: str | None = None  # README.md of the folder it was loaded from / training; kept on save
         self.register_modules(unet=unet, scheduler=scheduler, regression_unet=regression_unet)
         v = unet.config.out_channels
         variables = list(variables) if variables is not None else [f"var{i}" for i in range(v)]
@@ -161,6 +165,7 @@ class DownscalingPipeline(DiffusionPipeline):
             interpolation=interpolation,
             objective=objective,
             stochastic_std=[float(x) for x in stochastic_std] if stochastic_std is not None else [1.0] * len(variables),
+            hub_id=hub_id,
         )
         self.normalizer = Normalizer.from_config(config)  # validates lengths, transforms, prediction
         self._check_components(unet, config)
@@ -198,11 +203,54 @@ class DownscalingPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DownscalingPipeline":
-        """Load a saved pipeline (folder or Hub id). Weights load from safetensors only."""
+        """Load a saved pipeline (folder or Hub id). Weights load from safetensors only; the folder's model
+        card (``README.md``) is kept in ``pipe.model_card`` so that ``save_pretrained`` keeps the lineage."""
+        import os
+
         if kwargs.get("use_safetensors") is False:
             raise ValueError("dpdm-diffusers loads weights from safetensors only (use_safetensors=False is refused).")
         kwargs["use_safetensors"] = True
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        path = str(pretrained_model_name_or_path)
+        card = os.path.join(path, "README.md")
+        if os.path.isdir(path):
+            if os.path.isfile(card):
+                with open(card, encoding="utf-8") as f:
+                    pipe.model_card = f.read()
+        else:  # a Hub id: it is the model's id, and its card comes from the same snapshot when cached
+            if not pipe.config.get("hub_id"):
+                pipe.register_to_config(hub_id=path)
+            try:
+                from huggingface_hub import hf_hub_download
+
+                with open(hf_hub_download(path, "README.md", revision=kwargs.get("revision")), encoding="utf-8") as f:
+                    pipe.model_card = f.read()
+            except Exception:  # offline or no card: a fresh one is rendered on save
+                pipe.model_card = None
+        return pipe
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        push_to_hub: bool = False, **kwargs):
+        """Save weights (safetensors only), configs and the model card (``README.md``: the one loaded or set
+        in ``pipe.model_card``, else one rendered from the config). ``push_to_hub=True`` uploads the folder
+        as :meth:`push_to_hub` does (``repo_id`` defaults to the folder name)."""
+        import os
+
+        if not safe_serialization:
+            raise ValueError("dpdm-diffusers saves weights as safetensors only (safe_serialization=False would write "
+                             "pickle files, which its loader refuses).")
+        super().save_pretrained(save_directory, safe_serialization=True, variant=variant, push_to_hub=False)
+        with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as f:
+            f.write(self._card())
+        if push_to_hub:
+            repo_id = kwargs.pop("repo_id", None) or os.path.basename(os.path.normpath(str(save_directory)))
+            return self.push_to_hub(repo_id, variant=variant, **kwargs)
+
+    def _card(self, repo_id: str | None = None) -> str:
+        from dpdm_diffusers.model_card import PLACEHOLDER_ID, render_model_card
+
+        card = self.model_card or render_model_card(dict(self.config), repo_id=repo_id, pipe=self)
+        return card.replace(f'from_pretrained("{PLACEHOLDER_ID}")', f'from_pretrained("{repo_id}")') if repo_id else card
 
     def push_to_hub(
         self,
@@ -212,24 +260,27 @@ class DownscalingPipeline(DiffusionPipeline):
         token: str | None = None,
         create_pr: bool = False,
         model_card: str | None = None,
+        safe_serialization: bool = True,
+        variant: str | None = None,
     ):
-        """Save the pipeline (safetensors) with a model card and upload it to the Hub as ``repo_id``.
+        """Save the pipeline (safetensors) with its model card and upload it to the Hub as ``repo_id``.
 
-        ``model_card`` is the card's Markdown; by default one is rendered from the pipeline config.
+        ``model_card`` replaces the card's Markdown; by default the pipeline's own card is used (the loaded or
+        trained one, or one rendered from the config). The id is recorded in the config (``hub_id``), so
+        models fine-tuned from this one name it as their base.
         """
-        import os
         import tempfile
 
         from huggingface_hub import create_repo, upload_folder
 
-        from dpdm_diffusers.model_card import render_model_card
-
         repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        self.register_to_config(hub_id=repo_id)
+        if model_card is not None:
+            self.model_card = model_card
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, safe_serialization=True)
-            card = model_card if model_card is not None else render_model_card(dict(self.config), repo_id=repo_id)
-            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
-                f.write(card)
+            self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
+            with open(f"{tmp}/README.md", "w", encoding="utf-8") as f:
+                f.write(self._card(repo_id))
             return upload_folder(
                 repo_id=repo_id, folder_path=tmp, token=token, create_pr=create_pr,
                 commit_message=commit_message or "Upload DownscalingPipeline",
@@ -248,7 +299,7 @@ class DownscalingPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------
     # input handling
     # ------------------------------------------------------------------------------------------
-    def _prepare(self, low_res, static_fields, target_grid, member_dim, nan_policy) -> _Prepared:
+    def _prepare(self, low_res, static_fields, target_grid, member_dim, nan_policy, variable_map=None) -> _Prepared:
         cfg = self.config
         variables = list(cfg.variables)
         if isinstance(low_res, (torch.Tensor, np.ndarray)):
@@ -265,7 +316,7 @@ class DownscalingPipeline(DiffusionPipeline):
             src = Grid(np.arange(h, dtype=float), np.arange(w, dtype=float))
             meta = {"kind": "array", "tensor": isinstance(low_res, torch.Tensor)}
         else:
-            values, src, meta = self._from_xarray(low_res, variables, member_dim)
+            values, src, meta = self._from_xarray(low_res, variables, member_dim, variable_map)
         values = values.astype(np.float32, copy=False)
 
         n_nan = int(np.isnan(values).sum())
@@ -291,29 +342,41 @@ class DownscalingPipeline(DiffusionPipeline):
         static = self._resolve_static(static_fields, dst, meta)
         return _Prepared(values=values, src=src, dst=dst, static=static, meta=meta)
 
-    def _from_xarray(self, low_res, variables, member_dim):
+    def _from_xarray(self, low_res, variables, member_dim, variable_map=None):
         import xarray as xr
+
+        from dpdm_diffusers.units import convert_units
 
         if isinstance(low_res, xr.DataArray):
             name = low_res.name
             if name is None and len(variables) == 1:
                 name = variables[0]
-            if name not in variables or len(variables) != 1:
+            if (variable_map or {}).get(name, name) not in variables or len(variables) != 1:
                 raise ValueError(
                     f"DataArray input is named {low_res.name!r}, but this model downscales {variables}; "
-                    "pass a Dataset with exactly these variables (or rename the DataArray)."
+                    "pass a Dataset with exactly these variables, rename the DataArray, or pass "
+                    f"variable_map={{{low_res.name!r}: {variables[0]!r}}}."
                 )
             ds, kind = low_res.rename(name).to_dataset(), "dataarray"
         elif isinstance(low_res, xr.Dataset):
             ds, kind = low_res, "dataset"
         else:
             raise TypeError(f"low_res must be an xarray Dataset/DataArray, a torch.Tensor or a numpy array, got {type(low_res)}.")
+        variable_map = dict(variable_map or {})
+        unknown = [k for k in variable_map if k not in ds.data_vars]
+        if unknown:
+            raise ValueError(f"variable_map names {unknown}, which the input does not hold ({sorted(map(str, ds.data_vars))}).")
+        ds = ds.rename(variable_map)
         missing = [v for v in variables if v not in ds.data_vars]
         extra = [v for v in ds.data_vars if v not in variables]
         if missing or extra:
+            hint = f" (select them with ds[{variables}])"
+            if len(missing) == 1 and len(extra) == 1:
+                hint = (f". If {extra[0]!r} is your name for {missing[0]!r}, pass variable_map={{{extra[0]!r}: {missing[0]!r}}} "
+                        f"(CLI: --variable {extra[0]}={missing[0]})")
             raise ValueError(
                 f"Variables do not match the model: missing {missing}, unexpected {extra}; the model expects "
-                f"{variables} (select them with ds[{variables}])."
+                f"{variables}{hint}."
             )
         lat_name, lon_name = lat_lon_names(ds)
         src_in = Grid(ds[lat_name].values, ds[lon_name].values)  # validates monotonic/unique/regular
@@ -332,14 +395,14 @@ class DownscalingPipeline(DiffusionPipeline):
             da = ds[v]
             if set(da.dims) != set(dims0):
                 raise ValueError(f"Variable {v!r} has dims {da.dims}, unlike {variables[0]!r} with {dims0}.")
-            in_units = da.attrs.get("units")
-            if in_units is not None and str(in_units) != u:
-                raise ValueError(f"Variable {v!r} is in {in_units!r} but this model expects {u!r}; convert it first.")
+            # units are required; compatible ones (degC for K, hPa for Pa) are converted by pint
+            da = convert_units(da, u, v)
             arrays.append(da.transpose(*batch_dims, lat_name, lon_name).values)
         values = np.stack(arrays, axis=-3)  # (*batch, V, h, w)
         batch_shape = values.shape[:-3]
         values = values.reshape(-1, *values.shape[-3:])
         meta = {
+            "rename_back": {b: a for a, b in variable_map.items()},
             "kind": kind, "ds": ds, "lat": lat_name, "lon": lon_name, "batch_dims": batch_dims,
             "batch_shape": batch_shape, "lat_desc": lat_desc, "lon_desc": lon_desc,
         }
@@ -479,7 +542,8 @@ class DownscalingPipeline(DiffusionPipeline):
                 out = out.isel({lat_name: slice(None, None, -1)})
             if meta["lon_desc"]:
                 out = out.isel({lon_name: slice(None, None, -1)})
-            return out[cfg.variables[0]] if meta["kind"] == "dataarray" else out
+            out = out.rename(meta["rename_back"]) if meta["rename_back"] else out
+            return out[list(out.data_vars)[0]] if meta["kind"] == "dataarray" else out
 
         mean = members.mean(axis=0)
         std = members.std(axis=0, ddof=1) if m > 1 else np.zeros_like(mean)
@@ -509,6 +573,7 @@ class DownscalingPipeline(DiffusionPipeline):
         member_dim: str = "member",
         output_type: str | None = None,
         return_dict: bool = True,
+        variable_map: Mapping[str, str] | None = None,
     ):
         r"""
         Downscale ``low_res`` into ``num_members`` high-resolution ensemble members.
@@ -545,6 +610,11 @@ class DownscalingPipeline(DiffusionPipeline):
             output_type (`str`, *optional*): ``"xarray"`` (default for xarray input), ``"np"`` or ``"pt"``
                 (default for tensor input).
             return_dict (`bool`, defaults to True): return a [`DownscalingPipelineOutput`] instead of a tuple.
+            variable_map (`Mapping[str, str]`, *optional*): your variable names -> the model's, e.g.
+                ``{"air_temperature": "surface_temperature"}`` when your variable stands in for the model's (whether
+                it may is your call; fine-tune on your data to adapt the model). Output keeps your names. Units must
+                be set on every variable; compatible units (``degC`` for ``K``) are converted, output is in the
+                model's units.
 
         Examples:
 
@@ -577,7 +647,7 @@ class DownscalingPipeline(DiffusionPipeline):
             static_fields = {k: f for k, f in (("topography", topography), ("land_sea_mask", land_sea_mask)) if f is not None}
 
         # 2. Canonical inputs: values (B, V, h, w), ascending grids, static fields on the target grid
-        prep = self._prepare(low_res, static_fields, target_grid, member_dim, nan_policy)
+        prep = self._prepare(low_res, static_fields, target_grid, member_dim, nan_policy, variable_map)
         if output_type is None:
             output_type = "xarray" if prep.meta["kind"] != "array" else ("pt" if prep.meta["tensor"] else "np")
         if output_type == "xarray" and prep.meta["kind"] == "array":

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from diffusers import DiffusionPipeline
 import xarray as xr
 from conftest import make_low_res, make_pipeline, make_static
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
@@ -333,10 +334,13 @@ def test_two_variable_config_survives_reload(tmp_path):
     assert list(loaded.config.variables) == ["u10", "v10"]
 
 
-def test_pickle_weights_are_not_loaded(pipe, tmp_path):
-    pipe.save_pretrained(tmp_path, safe_serialization=False)
+def test_pickle_weights_are_refused_at_save_and_at_load(pipe, tmp_path):
+    with pytest.raises(ValueError, match="safetensors only"):
+        pipe.save_pretrained(tmp_path / "a", safe_serialization=False)
+    # a folder with pickle weights written by plain diffusers is not loaded either
+    DiffusionPipeline.save_pretrained(pipe, tmp_path / "b", safe_serialization=False)
     with pytest.raises(Exception, match="safetensors"):
-        DownscalingPipeline.from_pretrained(tmp_path)
+        DownscalingPipeline.from_pretrained(tmp_path / "b")
 
 
 def test_incompatible_checkpoint_is_refused(pipe, tmp_path):
@@ -388,11 +392,31 @@ def test_missing_and_extra_variables_are_named(pipe, low_res, static):
         run(pipe, low_res.assign(pr=low_res.tas), static)
 
 
-def test_wrong_units_are_refused(pipe, low_res, static):
-    lr = low_res.copy()
-    lr["tas"] = lr.tas.assign_attrs(units="degC")
-    with pytest.raises(ValueError, match="'degC'"):
-        run(pipe, lr, static)
+def test_units_are_required_converted_when_compatible_and_refused_otherwise(pipe, low_res, static):
+    celsius = low_res.assign(tas=(low_res.tas - 273.15).assign_attrs(units="degC"))
+    np.testing.assert_allclose(run(pipe, celsius, static).members.tas.values,
+                               run(pipe, low_res, static).members.tas.values, atol=1e-3)
+    assert run(pipe, celsius, static).members.tas.attrs["units"] == "K"  # output in the model's units
+    spelled = low_res.assign(tas=low_res.tas.assign_attrs(units="kelvin"))
+    np.testing.assert_array_equal(run(pipe, spelled, static).members.tas.values, run(pipe, low_res, static).members.tas.values)
+    with pytest.raises(ValueError, match="'m s-1'.*cannot be converted to 'K'"):
+        run(pipe, low_res.assign(tas=low_res.tas.assign_attrs(units="m s-1")), static)
+    no_units = low_res.copy()
+    no_units["tas"].attrs.pop("units")
+    with pytest.raises(ValueError, match="no `units` attribute.*expects 'K'"):
+        run(pipe, no_units, static)
+
+
+def test_variable_map_renames_in_and_back_out_and_errors_suggest_it(pipe, low_res, static):
+    mine = low_res.rename(tas="air_temperature")
+    with pytest.raises(ValueError, match=r"variable_map=\{'air_temperature': 'tas'\}.*--variable air_temperature=tas"):
+        run(pipe, mine, static)
+    out = pipe(mine, static_fields=static, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               variable_map={"air_temperature": "tas"})
+    assert list(out.members.data_vars) == ["air_temperature"]
+    np.testing.assert_array_equal(out.members.air_temperature.values, run(pipe, low_res, static).members.tas.values)
+    with pytest.raises(ValueError, match="variable_map names \\['nope'\\]"):
+        pipe(low_res, static_fields=static, num_inference_steps=1, variable_map={"nope": "tas"})
 
 
 def test_non_monotonic_and_duplicated_coordinates(pipe, low_res, static):

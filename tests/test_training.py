@@ -108,7 +108,7 @@ def test_two_stage_run_learns_the_regression_residual(high_res_file, tmp_path):
     assert "two-stage" in card and "## Spread calibration" in card
     with pytest.raises(SystemExit):  # a regression mean only makes sense under a diffusion model
         main(args(high_res_file, tmp_path / "bad", "--regression_model", str(reg), "--objective", "regression"))
-    with pytest.raises(ValueError, match="train it with --objective regression"):
+    with pytest.raises(SystemExit, match="must be trained with --objective regression"):
         main(args(high_res_file, tmp_path / "bad2", "--regression_model", str(out)))
 
 
@@ -120,7 +120,9 @@ def test_fine_tune_from_a_saved_model_keeps_or_recomputes_statistics(high_res_fi
     kept = main(args(shifted, tmp_path / "ft", "--init_from", str(base), "--learning_rate", "1e-5", "--max_train_steps", "2"))
     base_cfg, ft_cfg = DownscalingPipeline.from_pretrained(base).config, DownscalingPipeline.from_pretrained(kept).config
     assert ft_cfg.norm_mean == base_cfg.norm_mean
-    assert f"base_model: {base}" in (kept / "README.md").read_text()
+    card = (kept / "README.md").read_text()
+    assert "the local model `base`" in card and str(tmp_path) not in card  # lineage, never a machine's path
+    assert "base_model:" not in card  # the front matter names a base only by its Hub id
     w0, w1 = unet_weights(base), unet_weights(kept)
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # it did train
     redo = main(args(shifted, tmp_path / "ft2", "--init_from", str(base), "--max_train_steps", "2",

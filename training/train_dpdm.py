@@ -43,30 +43,40 @@ class TrainingConfig:
     dataset: str = "files"  # "files" or "glosea4-ts-x4"
     high_res: list[str] = field(default_factory=list)  # netCDF/zarr paths or globs (dataset=files)
     low_res: list[str] = field(default_factory=list)  # optional real low-res source; default: block-mean
-    variables: list[str] = field(default_factory=list)  # default: every variable of the files
+    variables: list[str] = field(default_factory=list)  # default: every variable of the files (or the base model's)
+    variable_map: dict = field(default_factory=dict)  # your names -> the model's, e.g. {air_temperature: surface_temperature}
     transforms: list[str] = field(default_factory=list)  # default: log1p for precipitation, else identity
-    scale_factor: int = 4
+    scale_factor: int | None = None  # default: the base model's, else 4
     train_time: list[str] = field(default_factory=list)  # [start, end], inclusive
     validation_time: list[str] = field(default_factory=list)
+    validation_lat_box: list[float] = field(default_factory=list)  # spatial validation box (few time steps):
+    validation_lon_box: list[float] = field(default_factory=list)  # left out of the training loss, scored alone
     lat_box: list[float] = field(default_factory=list)  # [south, north]
     lon_box: list[float] = field(default_factory=list)  # [west, east], may cross the dateline
-    static_channels: list[str] = field(default_factory=lambda: ["topography", "land_sea_mask"])
+    regular_grid: bool = False  # put near-regular (e.g. Gaussian) latitudes on a regular grid, conservatively
+    static_channels: list[str] | None = None  # default: the base model's, else [topography, land_sea_mask]
     static_files: dict = field(default_factory=dict)  # {channel: path}; default: packaged global data
+    static_map: dict = field(default_factory=dict)  # names in static_files -> channels, e.g. {orog: topography}
     # model --------------------------------------------------------------------------------------
-    unet_preset: str = "small"
-    patch_size: int = 64
-    prediction: str = "residual"
-    interpolation: str = "bilinear"
+    unet_preset: str | None = None  # default "small"; fine-tuning keeps the base model's architecture
+    patch_size: int | None = None  # default: the base model's, else 64
+    prediction: str | None = None  # default: the base model's, else "residual"
+    interpolation: str | None = None  # default: the base model's, else "bilinear"
     objective: str = "diffusion"  # or "regression" (deterministic baseline, same UNet)
     # two-stage (CorrDiff) model: a trained regression pipeline whose prediction is the mean; the diffusion
     # UNet learns what it misses, divided by its RMS (stochastic_std, from `stochastic_std_batches` batches)
     regression_model: str | None = None
     stochastic_std_batches: int = 32
-    # after training, scale stochastic_std to the lowest fair CRPS on the validation split (dpdm_diffusers.calibration)
-    calibrate_spread: bool = False
+    # after training, scale stochastic_std to the lowest fair CRPS on the validation split (dpdm_diffusers.calibration);
+    # default (None): on for two-stage models whenever there is a validation split
+    calibrate_spread: bool | None = None
     calibration_members: int = 8
     calibration_max_samples: int = 16
-    init_from: str | None = None  # pretrained pipeline folder or Hub id to fine-tune
+    # fine-tuning: a pretrained pipeline folder or Hub id. A two-stage base is fine-tuned as one: stage 1 (its
+    # regression UNet, `regression_steps` steps) in output_dir/stage1-regression, then stage 2 (its diffusion UNet
+    # on the new regression) with stochastic_std re-estimated and the spread calibrated on the validation split
+    init_from: str | None = None
+    regression_steps: int | None = None  # two-stage fine-tuning: steps of stage 1 (default: max_train_steps)
     recompute_statistics: bool = False  # fine-tuning: keep the base model's statistics unless set
     # optimisation -------------------------------------------------------------------------------
     max_train_steps: int = 1000
@@ -103,18 +113,26 @@ class TrainingConfig:
 # configuration
 # ----------------------------------------------------------------------------------------------
 def _parse_value(raw: str, annotation: str):
+    if raw.lower() == "none" and "None" in annotation:
+        return None
     if "bool" in annotation:
+        if raw.lower() not in ("1", "true", "yes", "y", "0", "false", "no", "n"):
+            raise ValueError(f"expected true or false, got {raw!r}")
         return raw.lower() in ("1", "true", "yes", "y")
     if annotation.startswith("list"):
         items = [x for x in raw.split(",") if x != ""]
         return [float(x) for x in items] if "float" in annotation else items
     if annotation.startswith("dict"):
-        return json.loads(raw)
-    if "int" in annotation and raw.lower() != "none":
+        if raw.strip().startswith("{"):
+            return json.loads(raw)
+        from dpdm_diffusers.data import parse_mapping
+
+        return parse_mapping(raw)  # a=b,c=d
+    if "int" in annotation:
         return int(raw)
     if "float" in annotation:
         return float(raw)
-    return None if raw.lower() == "none" else raw
+    return raw
 
 
 def parse_args(argv=None) -> TrainingConfig:
@@ -136,33 +154,114 @@ def parse_args(argv=None) -> TrainingConfig:
     for name, f in fields.items():
         raw = getattr(args, name)
         if raw is not None:
-            values[name] = _parse_value(raw, str(f.type))
-    cfg = TrainingConfig(**values)
+            try:
+                values[name] = _parse_value(raw, str(f.type))
+            except ValueError as err:
+                parser.error(f"--{name}: {err}")
+    return TrainingConfig(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# start-up checks: every inconsistent combination is refused here, never at the first validation
+# ----------------------------------------------------------------------------------------------
+MODEL_DEFAULTS = {"scale_factor": 4, "patch_size": 64, "prediction": "residual", "interpolation": "bilinear",
+                  "static_channels": ["topography", "land_sea_mask"], "unet_preset": "small"}
+
+
+def model_kind(config: dict) -> str:
+    """``"two-stage"``, ``"diffusion"`` or ``"regression"`` from a pipeline's ``model_index.json``."""
+    reg = config.get("regression_unet")
+    if isinstance(reg, (list, tuple)) and reg and reg[0] is not None:
+        return "two-stage"
+    return "regression" if config.get("objective") == "regression" else "diffusion"
+
+
+def _load_config(path: str) -> dict:
+    from dpdm_diffusers import DownscalingPipeline
+
+    try:
+        return dict(DownscalingPipeline.load_config(path))
+    except Exception as err:  # missing folder, no model_index.json, offline Hub id ...
+        raise ValueError(f"Cannot read the pipeline config of {path!r}: {err}") from err
+
+
+def resolve_options(cfg: TrainingConfig) -> tuple[TrainingConfig, str | None]:
+    """Fill model settings from the base model (or the defaults) and refuse what cannot work together.
+
+    Returns the resolved config and the base model's kind (``None`` when training from scratch).
+    """
+    base = _load_config(cfg.init_from) if cfg.init_from else None
+    reg = _load_config(cfg.regression_model) if cfg.regression_model else None
+    kind = model_kind(base) if base is not None else None
+    problems = []
     if cfg.objective not in ("diffusion", "regression"):
-        parser.error(f"--objective must be 'diffusion' or 'regression', got {cfg.objective!r}")
+        problems.append(f"--objective must be 'diffusion' or 'regression', got {cfg.objective!r}")
+    if reg is not None and model_kind(reg) != "regression":
+        problems.append(f"--regression_model {cfg.regression_model} is a {model_kind(reg)} model; it must be trained "
+                        "with --objective regression")
+    if kind == "diffusion" and cfg.objective == "regression":
+        problems.append(f"--init_from {cfg.init_from} is a diffusion model and has no regression UNet to fine-tune with "
+                        "--objective regression; train a regression model from scratch (no --init_from) instead")
+    if kind == "regression" and cfg.objective == "diffusion" and not cfg.regression_model:
+        problems.append(f"--init_from {cfg.init_from} is a regression model: fine-tune it with --objective regression, "
+                        f"or train a two-stage diffusion model on it with --regression_model {cfg.init_from}")
+    if cfg.init_from and cfg.unet_preset and base is not None:
+        from diffusers import UNet2DModel
+
+        from dpdm_diffusers.modeling import preset_of
+
+        base_preset = preset_of(UNet2DModel.load_config(cfg.init_from, subfolder="unet"))
+        if base_preset != cfg.unet_preset:
+            problems.append(f"--unet_preset {cfg.unet_preset} differs from the base model's UNet ({base_preset or 'custom'}); "
+                            "fine-tuning keeps the base model's architecture (leave --unet_preset out)")
+    source = base if base is not None else reg
+    for key, default in MODEL_DEFAULTS.items():
+        if key == "unet_preset":
+            continue
+        mine = getattr(cfg, key)
+        theirs = source.get(key) if source is not None else None
+        if theirs is not None and mine is not None and list(np.atleast_1d(mine)) != list(np.atleast_1d(theirs)):
+            which = "--init_from" if base is not None else "--regression_model"
+            problems.append(f"--{key} {mine} differs from the {theirs} of {which} (leave it out to use the model's)")
+        if mine is None:
+            setattr(cfg, key, list(theirs) if isinstance(theirs, (list, tuple)) else theirs if theirs is not None else default)
+    if cfg.unet_preset is None:
+        cfg.unet_preset = MODEL_DEFAULTS["unet_preset"]
+    if cfg.patch_size is not None and cfg.patch_size <= 0:
+        problems.append(f"--patch_size must be positive, got {cfg.patch_size}")
     if cfg.regression_model and cfg.objective != "diffusion":
-        parser.error("--regression_model is the mean of a two-stage diffusion model; it needs --objective diffusion")
+        problems.append("--regression_model is the mean of a two-stage diffusion model; it needs --objective diffusion")
     if cfg.regression_model and cfg.recompute_statistics:
-        parser.error("--regression_model fixes the statistics (the regression model's); fine-tune it first to change them")
-    return cfg
+        problems.append("--regression_model fixes the statistics (the regression model's); fine-tune it first to change them")
+    has_validation = bool(cfg.validation_time or cfg.validation_lat_box or cfg.validation_lon_box or cfg.dataset == "glosea4-ts-x4")
+    two_stage = cfg.objective == "diffusion" and (kind == "two-stage" or cfg.regression_model is not None)
+    if cfg.calibrate_spread and not two_stage:
+        problems.append("--calibrate_spread scales a two-stage model's stochastic_std; this run trains no two-stage model")
+    if cfg.calibrate_spread and not has_validation:
+        problems.append("--calibrate_spread needs a validation split (validation_time or validation_lat_box/lon_box)")
+    if cfg.regression_steps is not None and kind != "two-stage":
+        problems.append("--regression_steps is the stage-1 length of fine-tuning a two-stage --init_from model")
+    if cfg.push_to_hub and not cfg.hub_model_id:
+        problems.append("--push_to_hub needs --hub_model_id")
+    if problems:
+        raise SystemExit("Inconsistent options:\n  - " + "\n  - ".join(problems))
+    return cfg, kind
 
 
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
-def _time_slice(bounds):
-    return slice(*bounds) if bounds else None
+def load_pairs(cfg: TrainingConfig, units: dict | None = None):
+    """The region's pairs, static fields and splits (:class:`dpdm_diffusers.user_data.RegionData`).
 
-
-def load_pairs(cfg: TrainingConfig):
-    """High-res truth, its low-res input and static fields (xarray), with train/validation selections."""
-    from dpdm_diffusers import data
+    ``units``: the model's units per variable when fine-tuning (data in compatible units is converted).
+    """
+    from dpdm_diffusers import user_data
 
     if cfg.dataset == "glosea4-ts-x4":
         from dpdm_diffusers import glosea4
 
         bench = glosea4.load_glosea4_benchmark(static=bool(cfg.static_channels))
-        pairs = bench
         split = {k: {"time": slice(*v)} for k, v in glosea4.SPLITS.items()}
         describe = {
             "source": "GloSea4 surface_temperature, 13 members x 6 months (iris-sample-data, Open Government Licence)",
@@ -171,33 +270,26 @@ def load_pairs(cfg: TrainingConfig):
             "static fields": "topography (pvlib Altitude.h5) and land fraction (global-land-mask), area-averaged",
         }
         static = bench.static[cfg.static_channels] if bench.static is not None else None
-        return pairs, static, split["train"], split["validation"], describe
+        vbox = None
+        if cfg.validation_lat_box or cfg.validation_lon_box:
+            vbox = user_data.box_indices(bench.grid, bench.scale_factor, cfg.validation_lat_box, cfg.validation_lon_box)
+        return user_data.RegionData(bench, static, split["train"], split["validation"], vbox, describe)
     if cfg.dataset != "files":
         raise ValueError(f"Unknown dataset {cfg.dataset!r}; use 'files' or 'glosea4-ts-x4'.")
     if not cfg.high_res:
         raise ValueError("dataset=files needs --high_res paths (netCDF or zarr, globs allowed).")
-    box = dict(lat=tuple(cfg.lat_box) or None, lon=tuple(cfg.lon_box) or None)
-    high_res = data.open_dataset(cfg.high_res, variables=cfg.variables or None, **box)
-    low_res = data.open_dataset(cfg.low_res, variables=list(high_res.data_vars)) if cfg.low_res else None
-    pairs = data.make_pairs(high_res, scale_factor=cfg.scale_factor, low_res=low_res)
-    static = None
-    if cfg.static_channels:
-        from dpdm_diffusers.static_fields import get_static_fields
-
-        static = get_static_fields(pairs.grid, cfg.static_channels, sources=cfg.static_files or None)
-    train = {"time": _time_slice(cfg.train_time)} if cfg.train_time else {}
-    validation = {"time": _time_slice(cfg.validation_time)} if cfg.validation_time else {}
-    describe = {
-        "source": ", ".join(cfg.high_res),
-        "low_res": ", ".join(cfg.low_res) if cfg.low_res else f"{cfg.scale_factor}x{cfg.scale_factor} block mean",
-        "train": str(cfg.train_time or "all"),
-        "validation": str(cfg.validation_time or "none"),
-    }
-    return pairs, static, train, validation, describe
+    return user_data.load_region(
+        cfg.high_res, low_res=cfg.low_res or None, scale_factor=cfg.scale_factor,
+        variables=list(units) if units else (cfg.variables or None), variable_map=cfg.variable_map, units=units,
+        lat_box=cfg.lat_box, lon_box=cfg.lon_box, regular_grid=cfg.regular_grid,
+        static_channels=cfg.static_channels, static_files=cfg.static_files, static_map=cfg.static_map,
+        train_time=cfg.train_time, validation_time=cfg.validation_time,
+        validation_lat_box=cfg.validation_lat_box, validation_lon_box=cfg.validation_lon_box,
+    )
 
 
-def build_statistics(cfg, pairs, static, train, base_config=None) -> dict:
-    """Statistics on the training split, or the base model's when fine-tuning keeps them."""
+def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=None) -> dict:
+    """Statistics on the training split (outside a validation box), or the base model's when fine-tuning keeps them."""
     from dpdm_diffusers.statistics import compute_statistics
 
     if base_config is not None and not cfg.recompute_statistics:
@@ -209,9 +301,16 @@ def build_statistics(cfg, pairs, static, train, base_config=None) -> dict:
             raise ValueError(f"The base model downscales {stats['variables']}, the data lacks {missing}.")
         return stats
     lerp = pairs.lerp(cfg.interpolation)
+    mask = None
+    if exclude_box is not None:
+        import xarray as xr
+
+        keep = np.ones(pairs.grid.shape, dtype=bool)
+        keep[exclude_box] = False
+        mask = xr.DataArray(keep, dims=("lat", "lon"), coords={"lat": pairs.high_res["lat"], "lon": pairs.high_res["lon"]})
     stats = compute_statistics(
         pairs.high_res, lerp, variables=list(pairs.high_res.data_vars), transforms=cfg.transforms or None,
-        train=train or None, static=static, static_channels=cfg.static_channels or None,
+        train=train or None, static=static, static_channels=cfg.static_channels or None, mask=mask,
     )
     stats.setdefault("static_channels", [])
     stats.setdefault("static_mean", [])
@@ -227,11 +326,10 @@ def load_regression_model(path: str, base=None):
     if reg.config.objective != "regression":
         raise ValueError(f"--regression_model {path} has objective {reg.config.objective!r}; train it with --objective regression.")
     if base is not None:
-        keys = ("variables", "static_channels", "scale_factor", "patch_size", "prediction", "interpolation",
-                "norm_mean", "norm_std", "residual_std")
+        keys = ("variables", "static_channels", "scale_factor", "patch_size", "prediction", "interpolation")
         diff = [k for k in keys if list(np.atleast_1d(base.config[k])) != list(np.atleast_1d(reg.config[k]))]
         if diff:
-            raise ValueError(f"--regression_model {path} and --init_from differ in {diff}; they must share one model space.")
+            raise ValueError(f"--regression_model {path} and --init_from differ in {diff}; they must share one data layout.")
     return reg
 
 
@@ -319,8 +417,9 @@ def validate(pipe, val, cfg, seed: int) -> dict:
 
     low, truth, static = val
     variables = list(pipe.config.variables)
+    gaps = any(bool(np.isnan(low[v].values).any()) for v in variables)
     out = pipe(
-        low, static_fields=static, num_members=cfg.validation_members,
+        low, static_fields=static, num_members=cfg.validation_members, nan_policy="mask" if gaps else "raise",
         num_inference_steps=cfg.validation_inference_steps, generator=torch.Generator().manual_seed(seed),
     )
     lerp = regrid(low[variables], Grid.from_xarray(truth), method=pipe.config.interpolation)
@@ -333,28 +432,107 @@ def validate(pipe, val, cfg, seed: int) -> dict:
     return scores
 
 
-def validation_inputs(pairs, static, validation, max_samples: int):
-    """Low-res input, truth and static fields for validation, flattened to a ``sample`` dim."""
-    if not validation:
-        return None
-    low = pairs.low_res.sel(**validation)
-    truth = pairs.high_res.sel(**validation)
-    dims = [d for d in low[list(low.data_vars)[0]].dims if d not in ("lat", "lon")]
-    if dims:
-        low = low.stack(sample=dims).isel(sample=slice(0, max_samples)).drop_vars(["sample", *dims], errors="ignore")
-        truth = truth.stack(sample=dims).isel(sample=slice(0, max_samples)).drop_vars(["sample", *dims], errors="ignore")
-        low, truth = low.transpose("sample", "lat", "lon"), truth.transpose("sample", "lat", "lon")
-    if low.sizes.get("sample", 1) == 0:
-        return None
-    st = None if static is None else {k: static[k] for k in static.data_vars}
-    return low.load(), truth.load(), st
+# ----------------------------------------------------------------------------------------------
+# model card
+# ----------------------------------------------------------------------------------------------
+def _portable(value):
+    """Paths as the card shows them: relative to the working directory, never a machine's absolute path."""
+    if isinstance(value, list):
+        return [_portable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _portable(v) for k, v in value.items()}
+    if isinstance(value, str) and os.path.isabs(value):
+        rel = os.path.relpath(value)
+        return rel if not rel.startswith("..") else os.path.basename(value.rstrip("/"))
+    return value
+
+
+def training_card(cfg, pipe, *, data_info, fields, global_step, num_processes, wall, validation, calibration,
+                  stochastic_std, base=None) -> str:
+    """The model card of a training run: lineage, data, procedure, architecture (read off the weights), scores."""
+    from dpdm_diffusers import __version__
+    from dpdm_diffusers.model_card import base_model_reference, render_model_card
+    from dpdm_diffusers.modeling import describe_unet
+
+    base_id, base_text = base_model_reference(cfg.init_from, base) if cfg.init_from else (None, None)
+    two_stage = pipe.regression_unet is not None
+    summary = (f"Trained with `dpdm_diffusers.training.train_dpdm` (dpdm-diffusers {__version__}), objective `{cfg.objective}`"
+               + (f", fine-tuned from {base_text}" if base_text else "")
+               + (", two-stage: regression UNet mean + residual diffusion (stochastic_std "
+                  + ", ".join(f"{x:.3f}" for x in stochastic_std) + ")" if two_stage else "") + ".")
+    command = " ".join(str(_portable(a)) if os.path.exists(a) else a for a in sys.argv)
+    arch = [f"- {name}: {describe_unet(m)}" for name, m in (("unet", pipe.unet), ("regression_unet", pipe.regression_unet)) if m is not None]
+    sections = {
+        "Training data": "\n".join(f"- {k}: {_portable(v)}" for k, v in data_info.items())
+        + f"\n- high-res training grid: {fields.shape[0]} x {fields.shape[1]}, {fields.num_samples} training fields",
+        "Training procedure": "\n".join([
+            f"- steps: {global_step}, batch {cfg.train_batch_size} x {num_processes} processes "
+            f"x {cfg.gradient_accumulation_steps} accumulation, patches {cfg.patch_size} px",
+            *arch,
+            f"- AdamW lr {cfg.learning_rate}, {cfg.lr_scheduler} schedule, EMA {cfg.use_ema} (decay {cfg.ema_decay})",
+            f"- seed {cfg.seed}, mixed precision {cfg.mixed_precision}, wall time of this invocation {wall / 60:.1f} min",
+            f"- command: `{command}`",
+            "- config:\n\n```yaml\n" + yaml.safe_dump(_portable(dataclasses.asdict(cfg)), sort_keys=False) + "```",
+        ]),
+        "Validation": "\n".join(f"- {k}: {v:.4f}" for k, v in validation.items()) or "no validation scores yet",
+    }
+    if calibration:
+        sections["Spread calibration"] = (
+            f"`stochastic_std` multiplied by {calibration['factor']:.3f}, the factor with the lowest fair CRPS on the "
+            f"validation split ({calibration['num_members']} members): CRPS {calibration['crps_uncalibrated']:.4f} -> "
+            f"{calibration['crps']:.4f}, spread-skill {calibration['ssr_uncalibrated']:.2f} -> {calibration['ssr']:.2f}.")
+    return render_model_card(dict(pipe.config), title=cfg.model_card_title, base_model=base_id, base_text=base_text,
+                             repo_id=cfg.hub_model_id, summary=summary, sections=sections, pipe=pipe)
 
 
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 def main(argv=None) -> Path:
-    cfg = parse_args(argv)
+    """Train, or fine-tune: a two-stage ``--init_from`` model is fine-tuned as one (see :func:`finetune_two_stage`)."""
+    cfg, kind = resolve_options(parse_args(argv))
+    if kind == "two-stage" and cfg.objective == "diffusion" and not cfg.regression_model:
+        return finetune_two_stage(cfg)
+    return train(cfg, kind)
+
+
+def finetune_two_stage(cfg: TrainingConfig) -> Path:
+    """Fine-tune both stages of a two-stage model on new data, in one run that resumes like any other.
+
+    1. Stage 1: the base's regression UNet (the mean, which carries most of the skill) is fine-tuned with the
+       regression objective for ``regression_steps`` steps into ``output_dir/stage1-regression``.
+    2. Stage 2: the base's diffusion UNet is fine-tuned on the residual of that *new* regression, with
+       ``stochastic_std`` re-estimated from it, then the spread is calibrated on the validation split.
+    A finished stage 1 (its folder holds ``model_index.json``) is not trained again on rerun.
+    """
+    from accelerate import PartialState
+
+    out = Path(cfg.output_dir)
+    stage1 = out / "stage1-regression"
+    resume = cfg.resume_from_checkpoint
+    in_stage1 = resume not in (None, "latest") and Path(resume).resolve().parent == stage1.resolve()
+    if not (stage1 / "model_index.json").exists():
+        cfg1 = dataclasses.replace(
+            cfg, objective="regression", output_dir=str(stage1), max_train_steps=cfg.regression_steps or cfg.max_train_steps,
+            calibrate_spread=False, regression_steps=None, push_to_hub=False,
+            resume_from_checkpoint=resume if (in_stage1 or resume == "latest") else None,
+            model_card_title=f"{cfg.model_card_title} (stage 1: regression mean)",
+        )
+        train(cfg1, "two-stage")
+        PartialState().wait_for_everyone()
+        if not (stage1 / "model_index.json").exists():  # stopped early (--stop_after_steps): resume later
+            return stage1
+    else:
+        logger.info("stage 1 (regression) is complete in %s; fine-tuning stage 2", stage1)
+    cfg2 = dataclasses.replace(
+        cfg, regression_model=str(stage1), recompute_statistics=False, regression_steps=None,
+        resume_from_checkpoint=None if in_stage1 else resume,
+    )
+    return train(cfg2, "two-stage")
+
+
+def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
+    """One training run (one UNet) with an already resolved config."""
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers import UNet2DModel
@@ -367,6 +545,7 @@ def main(argv=None) -> Path:
     from dpdm_diffusers.modeling import build_unet, default_sampler, default_scheduler
     from dpdm_diffusers.samples import RandomPatchDataset, normalize_fields
     from dpdm_diffusers.transforms import Normalizer
+    from dpdm_diffusers.user_data import validation_inputs
 
     t_start = time.time()
     output_dir = Path(cfg.output_dir)
@@ -397,30 +576,32 @@ def main(argv=None) -> Path:
     base = None
     if cfg.init_from:
         base = DownscalingPipeline.from_pretrained(cfg.init_from)
-        cfg.patch_size = base.config.patch_size
-        cfg.prediction, cfg.interpolation = base.config.prediction, base.config.interpolation
-        cfg.static_channels = list(base.config.static_channels)
-        if cfg.scale_factor != base.config.scale_factor:
-            raise ValueError(f"The base model is x{base.config.scale_factor}, the data is set to x{cfg.scale_factor}.")
-    reg = None
-    if cfg.regression_model:
-        reg = load_regression_model(cfg.regression_model, base)
-        if base is None:  # the diffusion stage lives in the regression model's space
-            cfg.patch_size = reg.config.patch_size
-            cfg.prediction, cfg.interpolation = reg.config.prediction, reg.config.interpolation
-            cfg.static_channels = list(reg.config.static_channels)
+        if cfg.objective == "regression" and base.regression_unet is not None:
+            base = base.regression_pipeline()  # fine-tune a two-stage model's first stage (its mean)
+    reg = load_regression_model(cfg.regression_model, base) if cfg.regression_model else None
     reg_unet = reg.unet if reg is not None else (base.regression_unet if base is not None else None)
-    pairs, static, train, validation, data_info = load_pairs(cfg)
-    stats_from = base if base is not None else reg
-    stats = build_statistics(cfg, pairs, static, train, None if stats_from is None else dict(stats_from.config))
+    stats_from = reg if reg is not None else base  # the diffusion stage lives in the regression model's space
+    units = dict(zip(stats_from.config.variables, stats_from.config.units)) if stats_from is not None else None
+    region = load_pairs(cfg, units)
+    pairs, static, train_sel = region.pairs, region.static, region.train
+    stats = build_statistics(cfg, pairs, static, train_sel, None if stats_from is None else dict(stats_from.config),
+                             exclude_box=region.validation_box)
     normalizer = Normalizer.from_config({**stats, "prediction": cfg.prediction})
     variables = stats["variables"]
     fields = normalize_fields(
-        pairs.high_res[variables].sel(**train), pairs.lerp(cfg.interpolation)[variables].sel(**train),
+        pairs.high_res[variables].sel(**train_sel), pairs.lerp(cfg.interpolation)[variables].sel(**train_sel),
         normalizer, static,
     )
+    if region.validation_box is not None:  # the validation box is scored, never learnt from
+        ys, xs = region.validation_box
+        fields.target[..., ys, xs] = np.nan
+        logger.info("validation box: %d x %d high-res points left out of the training loss", ys.stop - ys.start, xs.stop - xs.start)
+    if min(fields.shape) < cfg.patch_size:
+        logger.info("the %d x %d domain is smaller than the %d px patch: padded as at inference, scored on the real "
+                    "domain only", *fields.shape, cfg.patch_size)
     dataset = RandomPatchDataset(fields, cfg.patch_size, seed=cfg.seed)
-    val = validation_inputs(pairs, static, validation, cfg.validation_max_samples)
+    val = validation_inputs(region, cfg.validation_max_samples)
+    data_info = region.describe
     logger.info("training on %d fields of %s, %d patches per epoch", fields.num_samples, fields.shape, len(dataset))
     stochastic_std = None
     if reg_unet is not None:
@@ -605,17 +786,28 @@ def main(argv=None) -> Path:
         accelerator.end_training()
         return output_dir
     if accelerator.is_main_process:
-        if not last_val:
-            last_val = run_validation(global_step)
         model = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(model.parameters())
         pipe = pipeline_from(model)
+        wall = time.time() - t_start
+
+        def card(validation: dict, calibration: dict | None) -> str:
+            return training_card(cfg, pipe, data_info=data_info, fields=fields, global_step=global_step,
+                                 num_processes=accelerator.num_processes, wall=wall, validation=validation,
+                                 calibration=calibration, stochastic_std=stochastic_std, base=base)
+
+        # the trained model is saved before anything that could still fail (validation, calibration, upload)
+        pipe.model_card = card({}, None)
+        pipe.save_pretrained(output_dir)
         calibration = None
-        if cfg.calibrate_spread and reg_unet is not None and validation:
+        if not last_val:
+            last_val = run_validation(global_step)
+        calibrate = cfg.calibrate_spread if cfg.calibrate_spread is not None else region.has_validation
+        if calibrate and reg_unet is not None and region.has_validation:
             from dpdm_diffusers.calibration import calibrate_spread
 
-            low, truth, val_static = validation_inputs(pairs, static, validation, cfg.calibration_max_samples)
+            low, truth, val_static = validation_inputs(region, cfg.calibration_max_samples)
             calibration = calibrate_spread(pipe, low, truth, static_fields=val_static, num_members=cfg.calibration_members,
                                            num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
             stochastic_std = calibration["stochastic_std"]
@@ -623,46 +815,16 @@ def main(argv=None) -> Path:
             logger.info("spread calibration on the validation split: factor %.3f, CRPS %.4f -> %.4f, SSR %.2f -> %.2f",
                         calibration["factor"], calibration["crps_uncalibrated"], calibration["crps"],
                         calibration["ssr_uncalibrated"], calibration["ssr"])
-        pipe.save_pretrained(output_dir, safe_serialization=True)
-        wall = time.time() - t_start
-        card = render_model_card(
-            dict(pipe.config), title=cfg.model_card_title, base_model=cfg.init_from,
-            repo_id=cfg.hub_model_id,
-            summary=f"Trained with `dpdm_diffusers.training.train_dpdm` (dpdm-diffusers {__version__}), "
-            f"objective `{cfg.objective}`"
-            + (f", two-stage: residual diffusion on the regression model `{cfg.regression_model or cfg.init_from}`"
-               f" (stochastic_std {', '.join(f'{x:.3f}' for x in stochastic_std)})." if reg_unet is not None else "."),
-            sections={
-                "Training data": "\n".join(f"- {k}: {v}" for k, v in data_info.items())
-                + f"\n- high-res grid: {fields.shape[0]} x {fields.shape[1]}, {fields.num_samples} training fields",
-                "Training procedure": "\n".join([
-                    f"- steps: {global_step}, batch {cfg.train_batch_size} x {accelerator.num_processes} processes "
-                    f"x {cfg.gradient_accumulation_steps} accumulation, patches {cfg.patch_size} px",
-                    f"- UNet preset `{cfg.unet_preset}` ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters)",
-                    f"- AdamW lr {cfg.learning_rate}, {cfg.lr_scheduler} schedule, EMA {cfg.use_ema} (decay {cfg.ema_decay})",
-                    f"- seed {cfg.seed}, mixed precision {cfg.mixed_precision}, wall time of this invocation {wall / 60:.1f} min",
-                    f"- command: `{' '.join(sys.argv)}`",
-                    "- config:\n\n```yaml\n" + yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False) + "```",
-                ]),
-                "Validation": "\n".join(f"- {k}: {v:.4f}" for k, v in last_val.items()) or "no validation split",
-                **({"Spread calibration": (
-                    f"`stochastic_std` multiplied by {calibration['factor']:.3f}, the factor with the lowest fair CRPS on the "
-                    f"validation split ({calibration['num_members']} members): CRPS {calibration['crps_uncalibrated']:.4f} -> "
-                    f"{calibration['crps']:.4f}, spread-skill {calibration['ssr_uncalibrated']:.2f} -> {calibration['ssr']:.2f}."
-                )} if calibration else {}),
-            },
-        )
-        (output_dir / "README.md").write_text(card)
+        pipe.model_card = card(last_val, calibration)
+        pipe.save_pretrained(output_dir)
         (output_dir / "training_summary.json").write_text(json.dumps(
-            {"global_step": global_step, "train_samples_per_s": throughput, "wall_time_s": wall,
+            {"global_step": global_step, "train_samples_per_s": throughput, "wall_time_s": time.time() - t_start,
              "num_processes": accelerator.num_processes, "first_crops_per_process": first_crops,
              "stochastic_std": stochastic_std,
              "spread_calibration": {k: v for k, v in calibration.items() if k != "curve"} if calibration else None,
              **last_val}, indent=2))
         if cfg.push_to_hub:
-            if not cfg.hub_model_id:
-                raise ValueError("--push_to_hub needs --hub_model_id.")
-            pipe.push_to_hub(cfg.hub_model_id, model_card=card)
+            pipe.push_to_hub(cfg.hub_model_id)
     accelerator.end_training()
     return output_dir
 
