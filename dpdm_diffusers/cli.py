@@ -33,36 +33,61 @@ def _ints(text: str) -> list[int]:
 
 @app.command()
 def downscale(
-    input: Path = typer.Argument(..., exists=True, help="Low-res netCDF file or zarr store."),
-    output: Path = typer.Option(..., "--output", "-o", help="Output .nc or .zarr (members, <var>_mean, <var>_std)."),
+    input: Path = typer.Argument(..., exists=True, help="Low-res netCDF file or zarr store (any record length)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .zarr (streamed, default choice for long records) or .nc."),
     model: str = typer.Option(str(DEFAULT_MODEL), help="Pipeline folder or Hub id."),
     members: int = typer.Option(10, min=1, help="Ensemble size."),
     steps: int = typer.Option(10, min=1, help="Denoising steps."),
     scheduler: str = typer.Option("dpmsolver++", help="ddpm | ddim | dpmsolver++ | unipc | euler"),
-    seed: int = typer.Option(0, help="Seed of the ensemble."),
-    batch_size: int = typer.Option(16, min=1, help="Tiles per UNet call (16 was fastest on CPU: benchmarks/results/speed.md)."),
+    seed: int = typer.Option(0, help="Seed of the ensemble (a time step's members depend only on it and the time stamp)."),
+    chunk_size: int = typer.Option(12, min=1, help="Time steps per chunk: written as soon as done, the unit of resume."),
+    write_members: bool = typer.Option(True, "--write-members/--no-write-members", help="Write every member (<var>)."),
+    stats: bool = typer.Option(True, "--stats/--no-stats", help="Write the ensemble mean and spread (<var>_mean, <var>_std)."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Tiles per UNet call (default: 16 on CPU, 256 on a GPU)."),
     static: Optional[Path] = typer.Option(None, exists=True, help="Static fields file, any regular grid (default: packaged)."),
     variable: list[str] = typer.Option([], "--variable", help="Your variable name = the model's, e.g. air_temperature=surface_temperature."),
     static_map: list[str] = typer.Option([], "--static-map", help="Variable name in the --static file = channel, e.g. orog=topography."),
-    device: str = typer.Option("cpu", help="torch device, e.g. cuda"),
-    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+    device: str = typer.Option("auto", help="auto (this process's accelerator, else cpu), cpu, cuda, cuda:1 ..."),
+    dtype: str = typer.Option("fp32", help="UNet arithmetic: fp32 | bf16 | fp16 (GPU); autocast, float32 weights."),
+    channels_last: bool = typer.Option(True, "--channels-last/--no-channels-last", help="NHWC convolutions (free speed)."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile the UNets (opt-in; a minute of compiling first)."),
+    threads: Optional[int] = typer.Option(None, min=1, help="CPU threads (torch.set_num_threads)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete)."),
 ):
-    """Downscale a low-res file into an ensemble on the model's finer grid."""
-    import torch
+    """Downscale a low-res record into an ensemble on the model's finer grid, streamed chunk by chunk to disk.
+
+    Safe to kill and rerun: the same command resumes from the first unfinished chunk. Under
+    `accelerate launch` or `torchrun` the chunks are split between processes (one GPU each).
+    """
+    import logging
+    import warnings
+
     import xarray as xr
 
     from dpdm_diffusers import DownscalingPipeline
     from dpdm_diffusers.data import parse_mapping, standardize
     from dpdm_diffusers.evaluation import set_scheduler
     from dpdm_diffusers.grids import Grid
-    from dpdm_diffusers.io import ensemble_dataset, write_dataset
+    from dpdm_diffusers.reconstruct import process_state, reconstruct
+    from dpdm_diffusers.speed import apply_fast_paths
 
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        from diffusers.utils import logging as dlogging
+
+        dlogging.set_verbosity_error()
+        dlogging.disable_progress_bar()
+        warnings.simplefilter("ignore", UserWarning)
     if output.exists() and not overwrite:
         raise typer.BadParameter(f"{output} exists; pass --overwrite to replace it.", param_hint="--output")
     try:
         mapping = parse_mapping(variable)
-        pipe = set_scheduler(DownscalingPipeline.from_pretrained(model), scheduler).to(device)
-        ds = standardize(xr.open_dataset(input, engine="zarr" if input.suffix == ".zarr" else None))
+        state = process_state()
+        dev = state.device if device == "auto" else device
+        pipe = set_scheduler(DownscalingPipeline.from_pretrained(model), scheduler)
+        apply_fast_paths(pipe, device=dev, dtype=dtype, channels_last=channels_last, compile=compile, threads=threads)
+        ds = standardize(xr.open_dataset(input, engine="zarr" if input.suffix == ".zarr" else None, chunks={}))
         wanted = [k for k, v in mapping.items() if v in pipe.config.variables]
         names = [v for v in pipe.config.variables if v not in mapping.values()] + wanted
         missing = [v for v in names if v not in ds.data_vars]
@@ -80,12 +105,14 @@ def downscale(
             sf = get_static_fields(grid, channels, sources={c: xr.open_dataset(static) for c in channels},
                                    rename=parse_mapping(static_map))
             static_fields = {k: sf[k] for k in sf.data_vars}
-        out = pipe(ds, static_fields=static_fields, num_members=members, num_inference_steps=steps,
-                   generator=torch.Generator().manual_seed(seed), batch_size=batch_size, variable_map=mapping)
-    except (KeyError, ValueError) as err:  # bad input: the message, not a traceback
+        res = reconstruct(pipe, ds, output, num_members=members, num_inference_steps=steps, seed=seed, chunk_size=chunk_size,
+                          static_fields=static_fields, variable_map=mapping, batch_size=batch_size, members=write_members,
+                          stats=stats, overwrite=overwrite, progress=not quiet, model_id=model)
+    except (KeyError, ValueError, FileExistsError, PermissionError) as err:  # bad input: the message, not a traceback
         raise typer.BadParameter(str(err).strip("'\"")) from None
-    path = write_dataset(ensemble_dataset(out.members, out.mean, out.std), output, overwrite=overwrite)
-    typer.echo(f"wrote {path}")
+    if state.is_main_process:
+        typer.echo(f"wrote {res.path} ({res.chunks_total} chunks; this process: {res.time_steps_per_minute:.1f} time steps/min, "
+                   f"{res.members_per_second:.2f} members/s)")
 
 
 @app.command()
@@ -133,10 +160,12 @@ def calibrate(
     max_samples: int = typer.Option(16, min=1, help="Validation fields used."),
     members: int = typer.Option(8, min=2, help="Ensemble size of the calibration run."),
     steps: int = typer.Option(10, min=1, help="Denoising steps (calibrate for the step count you sample with)."),
+    target: str = typer.Option("ssr", help="ssr: spread-skill 1 on the validation data (robust to a warmer test climate); "
+                               "crps: lowest fair CRPS (narrower)."),
     seed: int = typer.Option(0),
     write: bool = typer.Option(False, help="Store the calibrated stochastic_std in the folder's model_index.json."),
 ):
-    """Scale a two-stage model's spread to the lowest fair CRPS on validation data: yours, or the benchmark's."""
+    """Scale a two-stage model's spread on validation data (yours, or the benchmark's): spread-skill 1, or lowest CRPS."""
     import json
     import os
 
@@ -165,7 +194,8 @@ def calibrate(
             low, truth, static = validation_inputs(region, max_samples)
         except (KeyError, ValueError) as err:
             raise typer.BadParameter(str(err).strip("'\"")) from None
-        res = calibrate_spread(pipe, low, truth, static_fields=static, num_members=members, num_inference_steps=steps, seed=seed)
+        res = calibrate_spread(pipe, low, truth, static_fields=static, num_members=members, num_inference_steps=steps,
+                               seed=seed, target=target)
     else:
         from dpdm_diffusers.glosea4 import load_glosea4_benchmark
 
@@ -175,7 +205,7 @@ def calibrate(
         truth, low = bench.split("validation")
         res = calibrate_spread(pipe, low.rename(member="realization"), truth.rename(member="realization"),
                                static_fields={k: bench.static[k] for k in bench.static.data_vars},
-                               num_members=members, num_inference_steps=steps, seed=seed)
+                               num_members=members, num_inference_steps=steps, seed=seed, target=target)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=2))
     if write:
         index = Path(model) / "model_index.json"
@@ -264,16 +294,23 @@ def finetune(
 
     A two-stage model (the default) gets its regression stage fine-tuned, then its diffusion stage on the new
     regression, stochastic_std re-estimated and the spread calibrated on --validation-time (or the validation box).
+    A regression (deterministic) model is fine-tuned as one; a plain diffusion model likewise.
     Same as `accelerate launch -m dpdm_diffusers.training.train_dpdm --init_from MODEL ...`, which scales to GPUs.
     """
+    from dpdm_diffusers.training.train_dpdm import _load_config, model_kind
     from dpdm_diffusers.training.train_dpdm import main as train_main
 
+    try:
+        kind = model_kind(_load_config(model))
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--model") from None
     argv = finetune_argv(high_res, model=model, output_dir=str(output_dir), variable=variable, static_map=static_map,
                          static=static, low_res=low_res, train_time=train_time, validation_time=validation_time,
                          lat_box=lat_box, lon_box=lon_box, validation_lat_box=validation_lat_box,
                          validation_lon_box=validation_lon_box, steps=steps, regression_steps=regression_steps,
                          batch_size=batch_size, learning_rate=learning_rate, seed=seed, regular_grid=regular_grid,
-                         config=str(config) if config else None, resume=resume)
+                         config=str(config) if config else None, resume=resume,
+                         extra=["--objective", "regression"] if kind == "regression" else [])
     typer.echo("dpdm finetune runs: python -m dpdm_diffusers.training.train_dpdm " + " ".join(shlex.quote(a) for a in argv))
     try:
         out = train_main(argv)

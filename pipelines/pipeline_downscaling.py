@@ -56,6 +56,40 @@ OBJECTIVES = ("diffusion", "regression")
 MIN_CLIP_RANGE = 10.0
 
 
+def _key_text(value) -> str:
+    """A coordinate value as stable text: ISO time for datetime64/cftime, repr for numbers, str otherwise."""
+    if isinstance(value, np.datetime64):
+        return str(np.datetime_as_string(value, unit="s"))
+    if hasattr(value, "isoformat"):  # cftime, datetime, pandas Timestamp
+        return value.isoformat()
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    return str(value)
+
+
+def sample_keys(ds, batch_dims: Sequence[str]) -> list[str]:
+    """One key per sample (C order over ``batch_dims``): ``"time=2016-01-16T12:00:00|realization=3"``. A dim without
+    coordinate values is keyed by position."""
+    import itertools
+
+    per_dim = []
+    for d in batch_dims:
+        vals = ds[d].values if d in ds.coords else np.arange(ds.sizes[d])
+        per_dim.append([f"{d}={_key_text(v)}" for v in vals])
+    return ["|".join(combo) for combo in itertools.product(*per_dim)] if per_dim else [""]
+
+
+def noise_seed(member_seed: int, key: str) -> int:
+    """The seed of one member's noise for one sample: a hash of (member seed, sample key), stable across runs,
+    machines and Python versions (blake2b, not ``hash``)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{int(member_seed)}|{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # < 2**63: a valid torch seed
+
+
 @dataclass
 class DownscalingPipelineOutput(BaseOutput):
     """Output of :class:`DownscalingPipeline`.
@@ -144,6 +178,7 @@ class DownscalingPipeline(DiffusionPipeline):
     ):
         super().__init__()
         self.model_card: str | None = None  # README.md of the folder it was loaded from / training; kept on save
+        self.autocast_dtype: torch.dtype | None = None  # bf16/fp16 UNet arithmetic (dpdm_diffusers.speed)
         self.register_modules(unet=unet, scheduler=scheduler, regression_unet=regression_unet)
         v = unet.config.out_channels
         variables = list(variables) if variables is not None else [f"var{i}" for i in range(v)]
@@ -314,7 +349,8 @@ class DownscalingPipeline(DiffusionPipeline):
             h, w = values.shape[-2:]
             # index coordinates: a coarse cell i covers fine cells i*s .. i*s + s - 1
             src = Grid(np.arange(h, dtype=float), np.arange(w, dtype=float))
-            meta = {"kind": "array", "tensor": isinstance(low_res, torch.Tensor)}
+            meta = {"kind": "array", "tensor": isinstance(low_res, torch.Tensor),
+                    "sample_keys": [f"index={b}" for b in range(values.shape[0])]}  # arrays carry no coordinates
         else:
             values, src, meta = self._from_xarray(low_res, variables, member_dim, variable_map)
         values = values.astype(np.float32, copy=False)
@@ -402,6 +438,7 @@ class DownscalingPipeline(DiffusionPipeline):
         batch_shape = values.shape[:-3]
         values = values.reshape(-1, *values.shape[-3:])
         meta = {
+            "sample_keys": sample_keys(ds, batch_dims),
             "rename_back": {b: a for a, b in variable_map.items()},
             "kind": kind, "ds": ds, "lat": lat_name, "lon": lon_name, "batch_dims": batch_dims,
             "batch_shape": batch_shape, "lat_desc": lat_desc, "lon_desc": lon_desc,
@@ -469,7 +506,7 @@ class DownscalingPipeline(DiffusionPipeline):
         return [int(torch.randint(0, 2**62, (1,), generator=generator).item()) for _ in range(num_members)]
 
     @staticmethod
-    def _fused_unet(model, canvas, t, tiler, cond_tiles, num_batch, batch_size):
+    def _fused_unet(model, canvas, t, tiler, cond_tiles, num_batch, batch_size, autocast_dtype=None):
         """One UNet evaluation of every row of ``canvas`` (rows = member-major ``k * B + b``): all
         (row, tile) pairs go through ``model`` in batches of ``batch_size`` and are fused back into one
         canvas with the tiler's window."""
@@ -483,7 +520,11 @@ class DownscalingPipeline(DiffusionPipeline):
             tiles = pair_tiles[start : start + batch_size]
             x = tiler.extract(canvas, rows, tiles)
             inp = torch.cat([x, cond_tiles[pair_cond[start : start + batch_size].to(canvas.device)]], dim=1)
-            out = model(inp.to(model.dtype), t).sample
+            if autocast_dtype is not None:  # reduced-precision arithmetic, float32 weights and sampler state
+                with torch.autocast(canvas.device.type, dtype=autocast_dtype):
+                    out = model(inp, t).sample
+            else:
+                out = model(inp.to(model.dtype), t).sample
             tiler.accumulate(acc, out.float(), rows, tiles)
         return tiler.normalize(acc)
 
@@ -567,7 +608,7 @@ class DownscalingPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         tile_overlap: int | None = None,
         nan_policy: str = "raise",
         member_dim: str = "member",
@@ -599,10 +640,13 @@ class DownscalingPipeline(DiffusionPipeline):
                 evaluations (benchmarks/results/samplers.md); fewer steps narrow the spread, so calibrate a two-stage
                 model's spread (`dpdm calibrate`) with the step count you sample with.
             generator (`torch.Generator` or list of `torch.Generator`, *optional*):
-                Seeds the ensemble. With one generator seeded ``s``, member ``k`` is the same field whatever
-                ``num_members`` (> k), ``batch_size`` or tiling; a list gives one generator per member.
+                Seeds the ensemble. With one generator seeded ``s``, member ``k`` of a sample is the same field
+                whatever ``num_members`` (> k), ``batch_size``, tiling, or the other samples in the call: its noise is
+                keyed by the sample's coordinate values (e.g. its time stamp), so a record split into chunks, processes
+                or resumed runs gives the same members. A list gives one generator per member.
             eta (`float`, defaults to 0.0): DDIM's eta (ignored by schedulers without it).
-            batch_size (`int`, defaults to 16): tiles (over all members and batch entries) per UNet call.
+            batch_size (`int`, *optional*): tiles (over all members and batch entries) per UNet call; by default
+                16 on CPU and 256 on a GPU (`speed.default_tiles_per_call`).
             tile_overlap (`int`, *optional*): minimum tile overlap in pixels (default: a quarter patch).
             nan_policy (`str`, defaults to ``"raise"``): ``"raise"`` refuses NaN in ``low_res``; ``"mask"``
                 fills NaN for the network and returns NaN wherever the interpolated input is undefined.
@@ -626,6 +670,10 @@ class DownscalingPipeline(DiffusionPipeline):
             raise ValueError(f"num_members must be >= 1, got {num_members}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
+        if batch_size is None:
+            from dpdm_diffusers.speed import default_tiles_per_call
+
+            batch_size = default_tiles_per_call(self._execution_device)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
         if nan_policy not in NAN_POLICIES:
@@ -683,13 +731,15 @@ class DownscalingPipeline(DiffusionPipeline):
             cond, torch.arange(num_batch).repeat_interleave(n_tiles), torch.arange(n_tiles).repeat(num_batch)
         )  # (B * N, C, P, P), index b * N + tile
 
-        # 5. Initial noise: one generator stream per (member, batch entry) row, so a member's field never
-        #    depends on batch_size, num_members or tiling. Rows are member-major: row = k * B + b.
+        # 5. Initial noise: one generator stream per (member, sample) row, seeded by the member's seed and the
+        #    sample's *key* (its coordinate values, e.g. the time stamp), never its position in the call: a member
+        #    of a given time step is the same field whatever batch, chunk, process, batch_size or tiling produced
+        #    it. Rows are member-major: row = k * B + b.
         seeds = self._member_seeds(generator, num_members)
         if cfg.objective == "regression":
             seeds = seeds[:1]  # every member of a deterministic model is the same field: compute it once
         num_vars = self.unet.config.out_channels
-        row_gens = [torch.Generator().manual_seed(s + b) for s in seeds for b in range(num_batch)]
+        row_gens = [torch.Generator().manual_seed(noise_seed(s, key)) for s in seeds for key in prep.meta["sample_keys"]]
         num_rows = len(row_gens)
         latents = torch.cat([torch.randn((1, num_vars, canvas_h, canvas_w), generator=g) for g in row_gens])
         regression = cfg.objective == "regression"
@@ -711,7 +761,8 @@ class DownscalingPipeline(DiffusionPipeline):
         extra_step_kwargs = self._extra_step_kwargs(row_gens, eta)
 
         # 6. Two-stage models: the regression UNet's mean, once per batch entry (one pass at t = 0)
-        fused = dict(tiler=tiler, cond_tiles=cond_tiles, num_batch=num_batch, batch_size=batch_size)
+        fused = dict(tiler=tiler, cond_tiles=cond_tiles, num_batch=num_batch, batch_size=batch_size,
+                     autocast_dtype=self.autocast_dtype)
         regression_mean = None
         if self.regression_unet is not None and not regression:
             zero = torch.zeros(num_batch, num_vars, canvas_h, canvas_w, device=device)

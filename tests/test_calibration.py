@@ -43,3 +43,20 @@ def test_calibration_needs_a_two_stage_model(pipe, low_res, static):
         calibrate_spread(pipe, low_res, low_res, static_fields=static)
     with pytest.raises(ValueError, match="no regression_unet"):
         pipe.regression_pipeline()
+
+
+def test_calibration_targets_spread_skill_one_or_the_lowest_crps(low_res, static):
+    pipe = two_stage()
+    center = pipe.regression_pipeline()(low_res, static_fields=static).mean.tas
+    sample = pipe(low_res, static_fields=static, num_inference_steps=2, generator=torch.Generator().manual_seed(7)).members.tas[0]
+    # an error the spread does not explain (a fixed offset plus a scaled sample): the two targets now disagree
+    truth = (center + 2.0 * (sample - center) + 0.3).rename("tas").to_dataset()
+    kw = dict(static_fields=static, num_members=6, num_inference_steps=2)
+    by_ssr = calibrate_spread(pipe, low_res, truth, target="ssr", **kw)
+    by_crps = calibrate_spread(pipe, low_res, truth, target="crps", **kw)
+    ssrs = [r["ssr"] for r in by_ssr["curve"]]
+    assert abs(np.log(by_ssr["ssr"])) == pytest.approx(min(abs(np.log(s)) for s in ssrs))
+    assert by_crps["crps"] == pytest.approx(min(r["crps"] for r in by_crps["curve"]))
+    assert by_ssr["target"] == "ssr" and by_crps["target"] == "crps"
+    with pytest.raises(ValueError, match="calibration target"):
+        calibrate_spread(pipe, low_res, truth, target="mae", **kw)

@@ -70,6 +70,7 @@ class TrainingConfig:
     # after training, scale stochastic_std to the lowest fair CRPS on the validation split (dpdm_diffusers.calibration);
     # default (None): on for two-stage models whenever there is a validation split
     calibrate_spread: bool | None = None
+    calibration_target: str = "ssr"  # "ssr": spread-skill 1 on validation; "crps": lowest fair CRPS (narrower)
     calibration_members: int = 8
     calibration_max_samples: int = 16
     # fine-tuning: a pretrained pipeline folder or Hub id. A two-stage base is fine-tuned as one: stage 1 (its
@@ -239,6 +240,8 @@ def resolve_options(cfg: TrainingConfig) -> tuple[TrainingConfig, str | None]:
         problems.append("--calibrate_spread scales a two-stage model's stochastic_std; this run trains no two-stage model")
     if cfg.calibrate_spread and not has_validation:
         problems.append("--calibrate_spread needs a validation split (validation_time or validation_lat_box/lon_box)")
+    if cfg.calibration_target not in ("ssr", "crps"):
+        problems.append(f"--calibration_target must be 'ssr' or 'crps', got {cfg.calibration_target!r}")
     if cfg.regression_steps is not None and kind != "two-stage":
         problems.append("--regression_steps is the stage-1 length of fine-tuning a two-stage --init_from model")
     if cfg.push_to_hub and not cfg.hub_model_id:
@@ -478,8 +481,9 @@ def training_card(cfg, pipe, *, data_info, fields, global_step, num_processes, w
     }
     if calibration:
         sections["Spread calibration"] = (
-            f"`stochastic_std` multiplied by {calibration['factor']:.3f}, the factor with the lowest fair CRPS on the "
-            f"validation split ({calibration['num_members']} members): CRPS {calibration['crps_uncalibrated']:.4f} -> "
+            f"`stochastic_std` multiplied by {calibration['factor']:.3f}, the factor with "
+            + ("the lowest fair CRPS" if calibration.get("target") == "crps" else "a spread-skill ratio closest to 1")
+            + f" on the validation split ({calibration['num_members']} members): CRPS {calibration['crps_uncalibrated']:.4f} -> "
             f"{calibration['crps']:.4f}, spread-skill {calibration['ssr_uncalibrated']:.2f} -> {calibration['ssr']:.2f}.")
     return render_model_card(dict(pipe.config), title=cfg.model_card_title, base_model=base_id, base_text=base_text,
                              repo_id=cfg.hub_model_id, summary=summary, sections=sections, pipe=pipe)
@@ -809,7 +813,8 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
 
             low, truth, val_static = validation_inputs(region, cfg.calibration_max_samples)
             calibration = calibrate_spread(pipe, low, truth, static_fields=val_static, num_members=cfg.calibration_members,
-                                           num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed)
+                                           num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed,
+                                           target=cfg.calibration_target)
             stochastic_std = calibration["stochastic_std"]
             pipe.register_to_config(stochastic_std=stochastic_std)
             logger.info("spread calibration on the validation split: factor %.3f, CRPS %.4f -> %.4f, SSR %.2f -> %.2f",
