@@ -35,7 +35,7 @@ def record(n: int):
     bench = load_glosea4_benchmark(static=False)
     _, low = bench.split("test")
     fields = low.surface_temperature.stack(s=("member", "time")).transpose("s", "lat", "lon").values
-    times = xr.cftime_range("1836-01-01", periods=n, freq="MS", calendar="standard")
+    times = xr.date_range("1836-01-01", periods=n, freq="MS", calendar="standard", use_cftime=True)
     vals = np.stack([fields[k % len(fields)] for k in range(n)]).astype("float32")
     return xr.Dataset({"surface_temperature": (("time", "lat", "lon"), vals, {"units": "K"})},
                       coords={"time": times, "lat": low.lat, "lon": low.lon})

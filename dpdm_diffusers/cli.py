@@ -258,7 +258,7 @@ def finetune_argv(
                               ("--validation_lat_box", validation_lat_box, "--validation-lat-box"),
                               ("--validation_lon_box", validation_lon_box, "--validation-lon-box")):
         if value:
-            argv += [flag, ",".join(_pair(value, what))]
+            argv += [f"{flag}={','.join(_pair(value, what))}"]  # "=" form: a southern latitude starts with "-"
     if regular_grid:
         argv += ["--regular_grid", "true"]
     if resume:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -29,26 +30,78 @@ def _encoding(ds: xr.Dataset) -> dict:
     return {v: {"zlib": True, "complevel": 4, "dtype": "float32"} for v in ds.data_vars if np.issubdtype(ds[v].dtype, np.floating)}
 
 
-def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``ds`` to ``path`` (``.nc`` or ``.zarr``) atomically."""
+def is_own_output(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an output this tool wrote (so ``overwrite`` may replace it): a netCDF *file*, or a zarr
+    store whose attributes name dpdm-diffusers. Anything else (a folder named ``x.nc``, a foreign zarr store, a
+    directory of other files) is never deleted."""
+    import json
+
     path = Path(path)
+    if not path.exists():
+        return True
+    if output_format(path) == "netcdf":
+        return path.is_file()
+    for meta in (".zattrs", "zarr.json"):
+        f = path / meta
+        if f.is_file():
+            try:
+                attrs = json.loads(f.read_text())
+            except ValueError:
+                return False
+            attrs = attrs.get("attributes", attrs)
+            return any(str(attrs.get(k, "")).startswith("dpdm-diffusers") for k in ("source", "written_by")) or "dpdm_run" in attrs
+    return False
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse, before any computation, an output path that cannot be written or must not be replaced."""
+    path = Path(path)
+    output_format(path)
+    if path.exists():
+        if not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
+        if not is_own_output(path):
+            raise FileExistsError(f"{path} exists and is not an output of dpdm-diffusers; refusing to replace it.")
+    parent = path.parent if str(path.parent) else Path(".")
+    existing = next((p for p in [parent, *parent.parents] if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise PermissionError(f"Cannot write {path}: {existing} is not a writable directory.")
+    return path
+
+
+def replace_atomically(tmp: Path, path: Path) -> None:
+    """Move the complete ``tmp`` to ``path``; an old output stays intact until the new one is in place."""
+    if path.is_dir():  # a zarr store: os.replace cannot replace a non-empty directory, so swap via a unique name
+        old = path.with_name(f".{path.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, path)  # a file is replaced atomically
+
+
+def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``ds`` to ``path`` (``.nc`` or ``.zarr``) atomically, under a temporary name unique to this writer."""
+    path = check_output(path, overwrite)
     fmt = output_format(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    if tmp.exists():
-        shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     if isinstance(ds, xr.DataArray):
         ds = ds.to_dataset()
-    if fmt == "netcdf":
-        ds.to_netcdf(tmp, encoding=_encoding(ds))
-    else:
-        # Zarr format 2 with consolidated metadata: what most Pangeo readers (and zarr v2) open
-        ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
-    if path.is_dir():  # a zarr store: os.replace cannot replace a non-empty directory
-        shutil.rmtree(path)
-    os.replace(tmp, path)  # a file is replaced atomically
+    try:
+        if fmt == "netcdf":
+            ds.to_netcdf(tmp, encoding=_encoding(ds))
+        else:
+            # Zarr format 2 with consolidated metadata: what most Pangeo readers (and zarr v2) open; the stamp lets a
+            # later overwrite tell its own store from a folder it must not delete
+            from . import __version__
+
+            ds = ds.assign_attrs(written_by=f"dpdm-diffusers {__version__}")
+            ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
+        replace_atomically(tmp, path)
+    finally:
+        if tmp.exists():  # a failed write leaves nothing behind
+            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     return path
 
 

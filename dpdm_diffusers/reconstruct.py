@@ -34,7 +34,7 @@ import torch
 import xarray as xr
 
 from . import __version__
-from .io import output_format
+from .io import check_output, is_own_output, output_format, replace_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -202,10 +202,7 @@ def reconstruct(
         squeeze_time = False
     if low_res.sizes["time"] == 0:
         raise ValueError("The input has an empty time dimension: nothing to downscale.")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (CLI: --overwrite) to replace it.")
-    if not os.access(output.parent if output.parent.exists() else Path.cwd(), os.W_OK):
-        raise PermissionError(f"Cannot write into {output.parent}.")
+    check_output(output, overwrite)  # exists / not ours / not writable: refused before any computation
     variable_map = dict(variable_map or {})
     back = {b: a for a, b in variable_map.items()}
     out_names = {back.get(v, v): v for v in pipe.config.variables}  # user name -> model name
@@ -310,7 +307,7 @@ def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: 
     import zarr
 
     zarr.consolidate_metadata(str(store))
-    if output.exists() and not overwrite:  # appeared meanwhile (another writer): never clobber it
+    if output.exists() and (not overwrite or not is_own_output(output)):  # appeared meanwhile: never clobber it
         raise FileExistsError(f"{output} appeared while this run was computing; the result stays in {store}.")
     if squeeze_time:  # one field: small, written with the atomic single-shot writer
         from .io import write_dataset
@@ -326,18 +323,16 @@ def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: 
                    "chunksizes": tuple(min(s, c) for s, c in zip(ds[v].shape, ds[v].encoding.get("chunks", ds[v].shape)))}
                for v in ds.data_vars}
         tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
-        ds.to_netcdf(tmp, encoding=enc)  # dask streams chunk by chunk: bounded memory
-        ds.close()
+        try:
+            ds.to_netcdf(tmp, encoding=enc)  # dask streams chunk by chunk: bounded memory
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # e.g. disk full: no half-written file left behind; the store stays
+            raise
+        finally:
+            ds.close()
         os.replace(tmp, output)  # a file is replaced atomically; the old one stays intact until now
         shutil.rmtree(store)
         shutil.rmtree(markers_path(store))
         return
-    # zarr: a directory cannot be replaced atomically; keep the old output until the new one is in place
-    old = None
-    if output.exists():
-        old = output.with_name(f".{output.name}.old-{os.getpid()}")
-        os.replace(output, old)
-    os.replace(store, output)
+    replace_atomically(store, output)  # zarr: the old output stays intact until the new one is in place
     shutil.rmtree(markers_path(store))
-    if old is not None:
-        shutil.rmtree(old) if old.is_dir() else old.unlink()

@@ -71,13 +71,15 @@ def _key_text(value) -> str:
 
 def sample_keys(ds, batch_dims: Sequence[str]) -> list[str]:
     """One key per sample (C order over ``batch_dims``): ``"time=2016-01-16T12:00:00|realization=3"``. A dim without
-    coordinate values is keyed by position."""
+    coordinate values is keyed by position (``"#0"``), as the batch axis of an array input is."""
     import itertools
 
     per_dim = []
     for d in batch_dims:
-        vals = ds[d].values if d in ds.coords else np.arange(ds.sizes[d])
-        per_dim.append([f"{d}={_key_text(v)}" for v in vals])
+        if d in ds.coords:
+            per_dim.append([f"{d}={_key_text(v)}" for v in ds[d].values])
+        else:  # no coordinate values: keyed by position, like the batch axis of an array input
+            per_dim.append([f"#{i}" for i in range(ds.sizes[d])])
     return ["|".join(combo) for combo in itertools.product(*per_dim)] if per_dim else [""]
 
 
@@ -350,7 +352,7 @@ class DownscalingPipeline(DiffusionPipeline):
             # index coordinates: a coarse cell i covers fine cells i*s .. i*s + s - 1
             src = Grid(np.arange(h, dtype=float), np.arange(w, dtype=float))
             meta = {"kind": "array", "tensor": isinstance(low_res, torch.Tensor),
-                    "sample_keys": [f"index={b}" for b in range(values.shape[0])]}  # arrays carry no coordinates
+                    "sample_keys": [f"#{b}" for b in range(values.shape[0])]}  # arrays carry no coordinates: by position
         else:
             values, src, meta = self._from_xarray(low_res, variables, member_dim, variable_map)
         values = values.astype(np.float32, copy=False)
@@ -421,6 +423,9 @@ class DownscalingPipeline(DiffusionPipeline):
         src = Grid(ds[lat_name].values, ds[lon_name].values)
         dims0 = ds[variables[0]].dims
         batch_dims = [d for d in dims0 if d not in (lat_name, lon_name)]
+        empty = [d for d in batch_dims if ds.sizes[d] == 0]
+        if empty:
+            raise ValueError(f"The input's {empty} dimension is empty: nothing to downscale.")
         if member_dim in batch_dims:
             raise ValueError(
                 f"The input already has a {member_dim!r} dimension; rename it (e.g. ds.rename({member_dim}='realization')) "
@@ -666,6 +671,9 @@ class DownscalingPipeline(DiffusionPipeline):
             [`DownscalingPipelineOutput`] or `tuple` ``(members, mean, std)`` in physical units.
         """
         # 1. Check arguments
+        for name, value in (("num_members", num_members), ("num_inference_steps", num_inference_steps)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {value!r}.")
         if num_members < 1:
             raise ValueError(f"num_members must be >= 1, got {num_members}.")
         if num_inference_steps < 1:

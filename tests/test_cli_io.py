@@ -116,3 +116,43 @@ def test_cli_calibrate_writes_the_spread_into_the_model_index(tmp_path):
     written = json.loads((tmp_path / "model" / "model_index.json").read_text())["stochastic_std"][0]
     assert written != 0.3 and "wrote stochastic_std" in res.output
     assert DownscalingPipeline.from_pretrained(tmp_path / "model").config.stochastic_std == [written]
+
+
+def test_overwrite_never_deletes_what_this_tool_did_not_write(tmp_path):
+    ds = make_low_res()
+    (tmp_path / "x.nc").mkdir()  # a directory named like a netCDF file
+    (tmp_path / "x.nc" / "precious.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match="not an output of dpdm-diffusers"):
+        write_dataset(ds, tmp_path / "x.nc", overwrite=True)
+    foreign = tmp_path / "other.zarr"
+    ds.to_zarr(foreign, zarr_format=2)  # somebody else's store
+    with pytest.raises(FileExistsError, match="not an output of dpdm-diffusers"):
+        write_dataset(ds, foreign, overwrite=True)
+    assert (tmp_path / "x.nc" / "precious.txt").read_text() == "keep me" and foreign.exists()
+    ours = write_dataset(ds, tmp_path / "ours.zarr")
+    write_dataset(ds + 1, ours, overwrite=True)  # its own store is replaced (old kept until the new is in place)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary or old copies left
+
+
+def test_a_failed_write_leaves_the_old_output_and_no_partial_file(tmp_path, monkeypatch):
+    path = write_dataset(make_low_res(), tmp_path / "out.nc")
+    before = path.read_bytes()
+
+    def full_disk(self, *a, **k):
+        open(a[0], "wb").write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        write_dataset(make_low_res() + 1, path, overwrite=True)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["out.nc"]
+
+
+def test_output_path_problems_are_found_before_computing(tmp_path):
+    from dpdm_diffusers.io import check_output
+
+    with pytest.raises(ValueError, match=".nc"):
+        check_output(tmp_path / "out.txt", False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PermissionError, match="not a writable directory"):
+        check_output(tmp_path / "file" / "out.nc", False)

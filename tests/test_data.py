@@ -213,5 +213,9 @@ def test_pairs_check_time_axis_variables_and_units():
         data.make_pairs(hr, low_res=low.isel(time=slice(0, 5)))
     with pytest.raises(KeyError, match="lacks variables"):
         data.make_pairs(hr, low_res=low.rename({"t2m": "air"}))
-    with pytest.raises(ValueError, match="Mismatched units.*degC"):
-        data.make_pairs(hr, low_res=low.assign(t2m=(low["t2m"] - 273.15).assign_attrs(units="degC")))
+    # compatible units are converted (pint), incompatible ones refused
+    celsius = data.make_pairs(hr, low_res=low.assign(t2m=(low["t2m"] - 273.15).assign_attrs(units="degC")))
+    np.testing.assert_allclose(celsius.low_res.t2m.values, data.make_pairs(hr, low_res=low).low_res.t2m.values, atol=1e-4)
+    assert celsius.low_res.t2m.attrs["units"] == hr.t2m.attrs["units"]
+    with pytest.raises(ValueError, match="Mismatched units.*'m'"):
+        data.make_pairs(hr, low_res=low.assign(t2m=low["t2m"].assign_attrs(units="m")))

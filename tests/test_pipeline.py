@@ -87,7 +87,8 @@ def test_tensor_input_gives_tensor_output(pipe, low_res, static):
     s = torch.from_numpy(np.stack([static["topography"].values, static["land_sea_mask"].values])).float()
     out = pipe(values, static_fields=s, num_members=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0))
     assert isinstance(out.members, torch.Tensor) and out.members.shape == (2, 2, 1, 24, 32)
-    ref = run(pipe, low_res, static, num_members=2)
+    # arrays carry no time stamps: their samples are keyed by position, like an xarray batch dim without coordinates
+    ref = run(pipe, low_res.drop_vars("time"), static, num_members=2)
     np.testing.assert_allclose(out.members[:, :, 0].numpy(), ref.members.tas.values, atol=1e-4)
     with pytest.raises(ValueError, match="needs xarray input"):
         pipe(values, static_fields=s, num_inference_steps=1, output_type="xarray")
@@ -561,3 +562,19 @@ def test_regression_unet_is_checked(low_res):
                             **{**cfg, "objective": "regression"})
     with pytest.raises(ValueError, match="stochastic_std"):
         DownscalingPipeline(unet=pipe.unet, scheduler=pipe.scheduler, **{**cfg, "stochastic_std": [0.0]})
+
+
+def test_empty_time_and_non_integer_counts_get_clear_errors(pipe, low_res, static):
+    with pytest.raises(ValueError, match=r"\['time'\] dimension is empty"):
+        run(pipe, low_res.isel(time=slice(0, 0)), static)
+    with pytest.raises(TypeError, match="num_members must be an integer, got 2.5"):
+        run(pipe, low_res, static, num_members=2.5)
+
+
+def test_a_time_steps_members_do_not_depend_on_the_other_steps_in_the_call(pipe, low_res, static):
+    both = run(pipe, low_res, static, num_members=2).members.tas
+    second = run(pipe, low_res.isel(time=[1]), static, num_members=2).members.tas
+    np.testing.assert_allclose(both.isel(time=[1]).values, second.values, atol=1e-5)  # keyed by the time stamp
+    shifted = low_res.assign_coords(time=low_res.time + np.timedelta64(1, "D"))
+    other = run(pipe, shifted, static, num_members=2).members.tas
+    assert not np.allclose(other.values, both.values)  # another time stamp: other noise

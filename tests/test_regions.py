@@ -279,3 +279,35 @@ def test_finetune_cli_refuses_bad_names_with_a_message_not_a_traceback(region_fi
     res = runner.invoke(app, ["finetune", str(region_file), "-o", str(tmp_path / "x"), "--model", str(base_dir), "--steps", "1"])
     assert res.exit_code != 0 and "--variable air_temperature=tas" in " ".join(res.output.replace("│", " ").split())
     assert not isinstance(res.exception, KeyError)
+
+
+def test_cli_static_file_with_own_names_needs_a_static_map(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_low_res, make_pipeline, make_static
+
+    make_pipeline().save_pretrained(tmp_path / "model")
+    low = make_low_res()
+    low.to_netcdf(tmp_path / "low.nc")
+    st = make_static(Grid.from_xarray(low).refine(4))
+    xr.Dataset({"hgt_m": st["topography"], "landfrac": st["land_sea_mask"]}).to_netcdf(tmp_path / "static.nc")
+    base = ["downscale", str(tmp_path / "low.nc"), "--model", str(tmp_path / "model"), "--members", "2", "--steps", "1",
+            "--static", str(tmp_path / "static.nc"), "--quiet"]
+    bad = runner.invoke(app, [*base, "-o", str(tmp_path / "a.nc")])
+    assert bad.exit_code != 0 and "static_map" in " ".join(bad.output.replace("│", " ").split())
+    ok = runner.invoke(app, [*base, "-o", str(tmp_path / "b.nc"), "--static-map", "hgt_m=topography",
+                             "--static-map", "landfrac=land_sea_mask"])
+    assert ok.exit_code == 0, ok.output
+    assert xr.open_dataset(tmp_path / "b.nc").tas.shape == (2, 2, 24, 32)
+
+
+def test_finetune_argv_passes_southern_boxes_and_maps_intact():
+    from dpdm_diffusers.cli import finetune_argv
+    from dpdm_diffusers.training.train_dpdm import parse_args
+
+    argv = finetune_argv(["x.nc"], model="m", output_dir="o", variable=["air_temperature=tas"], lat_box="-20,-10",
+                         lon_box="120,150", validation_lat_box="-15,-12", train_time="1860,2000")
+    cfg = parse_args(argv)
+    assert cfg.lat_box == [-20.0, -10.0] and cfg.validation_lat_box == [-15.0, -12.0] and cfg.lon_box == [120.0, 150.0]
+    assert cfg.variable_map == {"air_temperature": "tas"} and cfg.train_time == ["1860", "2000"] and cfg.init_from == "m"

@@ -134,8 +134,11 @@ def test_determinism_epochs_and_dataloader_batches():
     assert [(a[i]["sample"], a[i]["y"], a[i]["x"]) for i in range(10)] != before
     batch = next(iter(torch.utils.data.DataLoader(b, batch_size=16)))
     assert batch["target"].shape == (16, 2, P, P) and batch["condition"].shape == (16, 4, P, P)
-    with pytest.raises(ValueError, match="does not fit"):
-        RandomPatchDataset(fields, NY + 1)
+    with pytest.raises(ValueError, match="positive"):
+        RandomPatchDataset(fields, 0)
+    # a domain smaller than the patch is padded (as the pipeline pads at inference); padding is never valid
+    padded = RandomPatchDataset(fields, NY + 1)[0]
+    assert padded["target"].shape[-2] == NY + 1 and not padded["mask"][:, NY:].any()
 
 
 def test_flips_are_off_by_default_and_flip_winds_with_sign():

@@ -175,3 +175,49 @@ def test_two_cpu_processes_see_different_data_and_save_one_model(high_res_file, 
     crops = summary["first_crops_per_process"]
     assert len(crops) == 2 and crops[0] != crops[1]
     assert DownscalingPipeline.from_pretrained(out).config.variables == ["tas"]
+
+
+class _Payload:
+    """Unpickling this writes a marker file: the proof that a checkpoint ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "code ran"))
+
+
+def test_a_shared_checkpoint_cannot_run_code_on_resume(high_res_file, tmp_path):
+    import pickle
+
+    part = tmp_path / "part"
+    main(args(high_res_file, part, "--validation_time=", "--stop_after_steps", "2"))
+    ckpt = list_checkpoints(part)[-1][1]
+    assert not list(ckpt.glob("custom_checkpoint_*.pkl"))  # no pickled custom state is written any more
+    assert (ckpt / "noise_rng_0.safetensors").exists()
+    marker = tmp_path / "pwned"
+    planted = ckpt / "custom_checkpoint_0.pkl"
+    planted.write_bytes(pickle.dumps({"state": _Payload(marker)}))
+    with pytest.raises(ValueError, match="Cannot resume"):  # refused (a file nothing registered), never unpickled
+        main(args(high_res_file, part, "--validation_time=", "--resume_from_checkpoint", str(ckpt)))
+    assert not marker.exists()
+    planted.unlink()
+    (ckpt / "random_states_0.pkl").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(ValueError, match="unreadable or unsafe random_states_0.pkl"):
+        main(args(high_res_file, part, "--validation_time=", "--resume_from_checkpoint", str(ckpt)))
+    assert not marker.exists()  # refused by weights_only loading, not executed
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(high_res_file, tmp_path, caplog):
+    import logging
+
+    run = tmp_path / "run"
+    main(args(high_res_file, run, "--validation_time=", "--stop_after_steps", "4", "--checkpointing_steps", "2",
+              "--checkpoints_total_limit", "2", "--max_train_steps", "6"))
+    (first, _), (_, latest) = list_checkpoints(run)
+    (latest / "noise_rng_0.safetensors").write_bytes(b"not a safetensors file")
+    with caplog.at_level(logging.WARNING, logger="dpdm_diffusers.training"):
+        out = main(args(high_res_file, run, "--validation_time=", "--resume_from_checkpoint", "latest",
+                        "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--max_train_steps", "6"))
+    assert "is unreadable" in caplog.text and f"falling back to {run / f'checkpoint-{first}'}" in caplog.text
+    assert json.loads((out / "training_summary.json").read_text())["global_step"] == 6

@@ -67,7 +67,7 @@ class TrainingConfig:
     # UNet learns what it misses, divided by its RMS (stochastic_std, from `stochastic_std_batches` batches)
     regression_model: str | None = None
     stochastic_std_batches: int = 32
-    # after training, scale stochastic_std to the lowest fair CRPS on the validation split (dpdm_diffusers.calibration);
+    # after training, scale stochastic_std on the validation split (dpdm_diffusers.calibration) to `calibration_target`;
     # default (None): on for two-stage models whenever there is a validation split
     calibrate_spread: bool | None = None
     calibration_target: str = "ssr"  # "ssr": spread-skill 1 on validation; "crps": lowest fair CRPS (narrower)
@@ -366,16 +366,44 @@ class NoiseRNG:
 
     The global torch RNG is also consumed by DataLoader iterators (created at different points in a
     fresh and a resumed run), so a resumed run only repeats an uninterrupted one with its own stream.
+    Its state is a safetensors file per process, never a pickle: Accelerate's ``register_for_checkpointing``
+    would unpickle it with ``weights_only=False``, so a shared checkpoint could run code on resume.
     """
 
     def __init__(self, seed: int, device):
         self.generator = torch.Generator(device=device).manual_seed(seed)
 
-    def state_dict(self):
-        return {"state": self.generator.get_state()}
+    @staticmethod
+    def path(folder, process_index: int) -> Path:
+        return Path(folder) / f"noise_rng_{process_index}.safetensors"
 
-    def load_state_dict(self, state):
-        self.generator.set_state(state["state"].cpu() if hasattr(state["state"], "cpu") else state["state"])
+    def save(self, folder, process_index: int) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"state": self.generator.get_state()}, str(self.path(folder, process_index)))
+
+    def load(self, folder, process_index: int) -> None:
+        from safetensors.torch import load_file
+
+        path = self.path(folder, process_index)
+        try:
+            state = load_file(str(path))["state"]
+            self.generator.set_state(state.cpu())
+        except Exception as err:  # missing or corrupt: a resume without it would silently differ
+            raise ValueError(f"Cannot restore the noise RNG from {path} ({err}); the checkpoint is incomplete.") from err
+
+
+def check_checkpoint_readable(path: Path, process_index: int) -> None:
+    """Fail (never skip) when a checkpoint's random states cannot be read safely: Accelerate would log it and go on,
+    and the resumed run would silently stop repeating an uninterrupted one. Loaded with ``weights_only=True``: a
+    pickle that carries code is refused here, not executed."""
+    from accelerate.utils import load
+
+    rng = path / f"random_states_{process_index}.pkl"
+    try:
+        load(rng)
+    except Exception as err:
+        raise ValueError(f"Checkpoint {path} has an unreadable or unsafe {rng.name} ({type(err).__name__}: {err}).") from err
 
 
 def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
@@ -631,6 +659,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
                        power=3 / 4, model_cls=UNet2DModel, model_config=unet.config)
 
     def save_model_hook(models, weights, out):
+        noise_rng.save(out, accelerator.process_index)  # every process: its own noise stream
         if accelerator.is_main_process:
             if ema is not None:
                 ema.save_pretrained(os.path.join(out, "unet_ema"))
@@ -639,6 +668,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
                 weights.pop()
 
     def load_model_hook(models, inp):
+        noise_rng.load(inp, accelerator.process_index)
         if ema is not None:
             from diffusers.utils import logging as dlogging
 
@@ -672,26 +702,33 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
     unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(unet, optimizer, dataloader, lr_scheduler)
     if ema is not None:
         ema.to(accelerator.device)
-    noise_rng = NoiseRNG(cfg.seed * 1000 + accelerator.process_index, accelerator.device)
-    accelerator.register_for_checkpointing(noise_rng)
+    noise_rng = NoiseRNG(cfg.seed * 1000 + accelerator.process_index, accelerator.device)  # saved by the hooks above
     steps_per_epoch = max(1, math.ceil(len(dataloader) / cfg.gradient_accumulation_steps))
 
     # 3. Resume
     global_step = 0
     if cfg.resume_from_checkpoint:
         if cfg.resume_from_checkpoint == "latest":
-            found = list_checkpoints(output_dir)
-            path = found[-1][1] if found else None
+            candidates = [p for _, p in reversed(list_checkpoints(output_dir))]  # newest first
         else:
             path = Path(cfg.resume_from_checkpoint)
             if not (path / COMPLETE_MARKER).exists():
                 raise ValueError(f"{path} is not a complete checkpoint (no {COMPLETE_MARKER}).")
-        if path is None:
+            candidates = [path]
+        if not candidates:
             logger.info("no complete checkpoint in %s: starting a new run", output_dir)
-        else:
-            accelerator.load_state(str(path))
+        for k, path in enumerate(candidates):
+            try:
+                check_checkpoint_readable(path, accelerator.process_index)
+                accelerator.load_state(str(path))
+            except Exception as err:
+                if k + 1 == len(candidates) or cfg.resume_from_checkpoint != "latest":
+                    raise ValueError(f"Cannot resume from {path}: {err}") from err
+                logger.warning("checkpoint %s is unreadable (%s); falling back to %s", path, err, candidates[k + 1])
+                continue
             global_step = int(path.name.split("-")[1])
             logger.info("resumed from %s at step %d", path, global_step)
+            break
     if accelerator.is_main_process and log_with:
         accelerator.init_trackers("dpdm", config={k: str(v) for k, v in dataclasses.asdict(cfg).items()})
 
