@@ -125,8 +125,12 @@ def run_hadcm3(args) -> dict:
             ensemble(DownscalingPipeline.from_pretrained(crps_run), low, args.members, timings, "tuned_crps", **kw)[var], t)
     summary = json.loads((run / "training_summary.json").read_text())
     s1 = json.loads((run / "stage1-regression" / "training_summary.json").read_text())
+    cli = (f"dpdm finetune {os.path.basename(e1)} -o {rel(run)} --variable air_temperature=surface_temperature "
+           f"--train-time 1860,2000 --validation-time 2001,2020 --steps {args.steps} --regression-steps {args.regression_steps} "
+           f"--learning-rate {args.learning_rate:g}" + (" --config crps.yaml (calibration_target: crps)" if args.calibration_target == "crps" else ""))
     return {
-        "command": "python benchmarks/regions.py " + " ".join(sys.argv[1:]), "finetune_command": "dpdm finetune " + portable(argv),
+        "command": "python benchmarks/regions.py " + " ".join(sys.argv[1:]), "finetune_command": cli,
+        "train_argv": portable(argv),
         "fine_tuning_wall_s": train_s or (summary.get("wall_time_s", 0) + s1.get("wall_time_s", 0)),
         "stage_wall_s": {"regression": s1.get("wall_time_s"), "diffusion": summary.get("wall_time_s")},
         "spread_calibration": summary.get("spread_calibration"), "stochastic_std": summary.get("stochastic_std"),
@@ -218,7 +222,8 @@ def write_markdown(out: Path):
             lines += [
                 f"Fine-tuning ran `{r['finetune_command']}` in {r['fine_tuning_wall_s'] / 60:.1f} min "
                 f"(stage 1 {(r['stage_wall_s']['regression'] or 0) / 60:.1f} min; stage 2 with re-estimated stochastic_std "
-                f"and calibration {(r['stage_wall_s']['diffusion'] or 0) / 60:.1f} min).",
+                f"and calibration {(r['stage_wall_s']['diffusion'] or 0) / 60:.1f} min; wall times on a shared 2-core machine, "
+                "other jobs ran beside stage 2).",
                 "",
                 "HadCM3 1.5 m air temperature (iris-sample-data, yearly, 1.25 x 1.875 deg), 36 x 48 points, input = 4x4 block "
                 "means (9 x 12 cells). Validation and spread calibration on E1 2001-2020; test on A1B 2050-2099 (50 fields, "

@@ -130,6 +130,9 @@ def _template(pipe, low_res: xr.Dataset, out_names: dict, grid, num_members: int
     }
     if members:
         coords[member_dim] = xr.Variable(member_dim, np.arange(num_members), {"long_name": "ensemble member"})
+    for name, c in low_res.coords.items():  # scalar and time-only coordinates carry through (height, forecast_period)
+        if name not in coords and set(c.dims) <= {"time"}:
+            coords[name] = c.load()
     data_vars = {}
     for user, model_var in out_names.items():
         units = pipe.config.units[list(pipe.config.variables).index(model_var)]
@@ -272,7 +275,8 @@ def reconstruct(
             if stats:
                 region[f"{user}_mean"] = out.mean[user].transpose("time", "lat", "lon").astype("float32")
                 region[f"{user}_std"] = out.std[user].transpose("time", "lat", "lon").astype("float32")
-        ds = xr.Dataset(region).drop_vars([c for c in ("time", "lat", "lon", member_dim) if c in xr.Dataset(region).coords])
+        ds = xr.Dataset(region)
+        ds = ds.drop_vars(list(ds.coords))  # coordinates are in the store already: a region write holds data only
         for v in ds.data_vars:
             if not np.isfinite(ds[v].values).all():  # the input was checked finite: this is a model failure
                 raise FloatingPointError(f"Chunk {i} (time steps {a}:{b}) gave non-finite values for {v}; nothing was written.")

@@ -164,3 +164,10 @@ def test_two_processes_split_the_chunks_and_equal_one_process(model_dir, record,
     for v in a.data_vars:
         np.testing.assert_array_equal(a[v].values, b[v].values)
     assert "this process" in two.stdout  # the main process reports; chunks were shared (4 of 8 each)
+
+
+def test_scalar_and_time_coordinates_carry_through_a_streamed_run(model_dir, record, tmp_path):
+    pipe = load(model_dir)
+    low = xr.open_dataset(record).assign_coords(height=1.5, forecast_period=("time", np.arange(30)))
+    out = xr.open_zarr(reconstruct(pipe, low, tmp_path / "o.zarr", chunk_size=8, **KW).path)
+    assert float(out.height) == 1.5 and out.forecast_period.values.tolist() == list(range(30))
