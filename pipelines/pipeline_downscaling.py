@@ -417,6 +417,12 @@ class DownscalingPipeline(DiffusionPipeline):
                 f"{variables}{hint}."
             )
         lat_name, lon_name = lat_lon_names(ds)
+        for name in (lat_name, lon_name):  # a dim without values would silently read as 0, 1, 2 ... degrees
+            if name not in ds.coords:
+                raise ValueError(f"Dimension {name!r} has no coordinate values: not a lat/lon grid (assign degrees first).")
+        if np.nanmax(np.abs(np.asarray(ds[lat_name].values, dtype=float))) > 90:
+            raise ValueError(f"{lat_name!r} reaches {np.nanmax(np.abs(ds[lat_name].values)):.4g}: not a lat/lon grid "
+                             "(projected x/y coordinates?); regrid to a regular lat/lon grid first.")
         src_in = Grid(ds[lat_name].values, ds[lon_name].values)  # validates monotonic/unique/regular
         lat_desc, lon_desc = src_in.lat[0] > src_in.lat[-1], src_in.lon[0] > src_in.lon[-1]
         ds = ds.sortby([lat_name, lon_name])
@@ -436,6 +442,8 @@ class DownscalingPipeline(DiffusionPipeline):
             da = ds[v]
             if set(da.dims) != set(dims0):
                 raise ValueError(f"Variable {v!r} has dims {da.dims}, unlike {variables[0]!r} with {dims0}.")
+            if da.dtype == bool or not np.issubdtype(da.dtype, np.number) or np.issubdtype(da.dtype, np.complexfloating):
+                raise TypeError(f"Variable {v!r} has dtype {da.dtype}; a real-valued numeric field is needed.")
             # units are required; compatible ones (degC for K, hPa for Pa) are converted by pint
             da = convert_units(da, u, v)
             arrays.append(da.transpose(*batch_dims, lat_name, lon_name).values)
@@ -496,10 +504,28 @@ class DownscalingPipeline(DiffusionPipeline):
                         f"(lat {dst.lat.min():.3f}..{dst.lat.max():.3f}, lon {dst.lon.min():.3f}..{dst.lon.max():.3f})."
                     )
                 arr = f.transpose(la, lo).values
-            if np.isnan(arr).any():
-                raise ValueError(f"Static field {n!r} contains NaN; fill it (e.g. 0 m over the ocean).")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"Static field {n!r} contains NaN or inf; fill it (e.g. 0 m over the ocean).")
             out.append(arr.astype(np.float32))
         return np.stack(out)
+
+    def _check_range(self, values: np.ndarray, max_std: float = 10.0) -> None:
+        """Refuse inputs more than ``max_std`` training standard deviations from the training mean (after the
+        variable's transform): wrong units (degC labelled K) or corrupt values, never a silent wrong answer."""
+        from dpdm_diffusers.transforms import forward_transform
+
+        cfg = self.config
+        for i, (v, u, t) in enumerate(zip(cfg.variables, cfg.units, cfg.transforms)):
+            x = values[:, i]
+            if not np.isfinite(x).any():
+                continue
+            z = (forward_transform(torch.from_numpy(np.nan_to_num(x[np.isfinite(x)])), t).numpy() - cfg.norm_mean[i]) / cfg.norm_std[i]
+            if np.abs(z).max() > max_std:
+                lo, hi = np.nanmin(x), np.nanmax(x)
+                raise ValueError(
+                    f"Variable {v!r} spans {lo:.4g} .. {hi:.4g} {u}, more than {max_std:g} standard deviations from what the "
+                    f"model was trained on (mean {cfg.norm_mean[i]:.4g}, std {cfg.norm_std[i]:.4g} {u if t == 'identity' else f'({t})'}). "
+                    "Wrong units or corrupt values?")
 
     @staticmethod
     def _member_seeds(generator, num_members: int) -> list[int]:
@@ -711,6 +737,7 @@ class DownscalingPipeline(DiffusionPipeline):
         device = self._execution_device
         cfg, norm = self.config, self.normalizer
         patch = cfg.patch_size
+        self._check_range(prep.values)
 
         # 3. Condition = [normalised interpolated low-res, normalised static fields]
         lerp = interpolate(prep.values, prep.src, prep.dst, cfg.interpolation)  # (B, V, H, W) physical
@@ -797,6 +824,10 @@ class DownscalingPipeline(DiffusionPipeline):
         members = norm.from_model_space(latents, lerp_norm_rows)
         members = members.reshape(len(seeds), num_batch, num_vars, height, width)
         members = members.expand(num_members, -1, -1, -1, -1).contiguous()
+        expected_gaps = torch.from_numpy(invalid)[None] if invalid is not None else torch.zeros((), dtype=torch.bool)
+        if not bool((torch.isfinite(members) | expected_gaps).all()):  # e.g. NaN weights: never an unexplained NaN
+            raise FloatingPointError("The model produced non-finite values (NaN or inf weights, or a diverging sampler); "
+                                     "nothing is returned.")
         if invalid is not None:
             members = members.masked_fill(torch.from_numpy(invalid)[None], float("nan"))
         self.maybe_free_model_hooks()

@@ -578,3 +578,27 @@ def test_a_time_steps_members_do_not_depend_on_the_other_steps_in_the_call(pipe,
     shifted = low_res.assign_coords(time=low_res.time + np.timedelta64(1, "D"))
     other = run(pipe, shifted, static, num_members=2).members.tas
     assert not np.allclose(other.values, both.values)  # another time stamp: other noise
+
+
+def test_no_silent_nonsense_in_or_out(pipe, low_res, static):
+    mislabelled = low_res.assign(tas=(low_res.tas - 273.15).assign_attrs(units="K"))  # degC values labelled K
+    with pytest.raises(ValueError, match=r"spans .* K, more than 10 standard deviations.*mean 280"):
+        run(pipe, mislabelled, static)
+    with pytest.raises(ValueError, match="Wrong units or corrupt"):
+        run(pipe, low_res.assign(tas=(low_res.tas * 0 + 1e6).assign_attrs(units="K")), static)
+    for dtype in (bool, np.complex64):
+        with pytest.raises(TypeError, match="real-valued numeric"):
+            run(pipe, low_res.assign(tas=low_res.tas.astype(dtype).assign_attrs(units="K")), static)
+    with pytest.raises(ValueError, match="no coordinate values: not a lat/lon grid"):
+        run(pipe, low_res.drop_vars("lat"), static)
+    projected = low_res.assign_coords(lat=low_res.lat * 1000)
+    with pytest.raises(ValueError, match="not a lat/lon grid"):
+        run(pipe, projected, static)
+    bad_static = dict(static, topography=static["topography"].where(static["topography"] < 400, np.inf))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        run(pipe, low_res, bad_static)
+    broken = make_pipeline()
+    with torch.no_grad():
+        next(broken.unet.parameters()).fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        run(broken, low_res, static)
