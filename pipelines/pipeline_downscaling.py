@@ -247,6 +247,7 @@ class DownscalingPipeline(DiffusionPipeline):
         if kwargs.get("use_safetensors") is False:
             raise ValueError("dpdm-diffusers loads weights from safetensors only (use_safetensors=False is refused).")
         kwargs["use_safetensors"] = True
+        cls._check_untrusted_config(pretrained_model_name_or_path, kwargs)
         pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         path = str(pretrained_model_name_or_path)
         card = os.path.join(path, "README.md")
@@ -265,6 +266,56 @@ class DownscalingPipeline(DiffusionPipeline):
             except Exception:  # offline or no card: a fresh one is rendered on save
                 pipe.model_card = None
         return pipe
+
+    # Bounds for configs read from shared folders: far above any real model, far below what would hang the loader or
+    # exhaust memory (a UNet at these limits has ~1e9 parameters).
+    CONFIG_LIMITS = {"layers_per_block": 8, "levels": 8, "channels": 2048, "in_out_channels": 512, "sample_size": 4096,
+                     "patch_size": 4096, "scale_factor": 100, "variables": 64, "num_train_timesteps": 100_000}
+    REQUIRED_CONFIG = ("variables", "units", "transforms", "norm_mean", "norm_std", "residual_std", "static_channels",
+                       "static_mean", "static_std", "scale_factor", "patch_size")
+
+    @classmethod
+    def _check_untrusted_config(cls, path, kwargs) -> None:
+        """Refuse, before anything is built, a folder whose configs lack statistics or ask for absurd sizes."""
+        from diffusers import UNet2DModel
+
+        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        index = cls.load_config(path, **hub)
+        missing = [k for k in cls.REQUIRED_CONFIG if k not in index]
+        if missing:
+            raise ValueError(f"{path} lacks {missing} in model_index.json: the model's statistics and layout are required, "
+                             "never filled with defaults.")
+        lim = cls.CONFIG_LIMITS
+        problems = []
+        if not isinstance(index["variables"], list) or not 0 < len(index["variables"]) <= lim["variables"]:
+            problems.append(f"variables {str(index['variables'])[:80]}")
+        for key in ("patch_size", "scale_factor"):
+            if not isinstance(index[key], int) or not 0 < index[key] <= lim[key]:
+                problems.append(f"{key} {index[key]!r} (limit {lim[key]})")
+        for name in ("unet", "regression_unet"):
+            entry = index.get(name)
+            if not (isinstance(entry, (list, tuple)) and entry and entry[0] is not None):
+                continue
+            c = UNet2DModel.load_config(path, subfolder=name, **hub)
+            chans = c.get("block_out_channels", [])
+            if not isinstance(c.get("layers_per_block"), int) or not 0 < c["layers_per_block"] <= lim["layers_per_block"]:
+                problems.append(f"{name}.layers_per_block {c.get('layers_per_block')!r} (limit {lim['layers_per_block']})")
+            if not 0 < len(chans) <= lim["levels"] or not all(isinstance(x, int) and 0 < x <= lim["channels"] for x in chans):
+                problems.append(f"{name}.block_out_channels {str(chans)[:80]} (limit {lim['levels']} levels of {lim['channels']})")
+            for key, limit in (("in_channels", lim["in_out_channels"]), ("out_channels", lim["in_out_channels"]),
+                               ("sample_size", lim["sample_size"])):
+                value = c.get(key)
+                if value is not None and (not isinstance(value, int) or not 0 < value <= limit):
+                    problems.append(f"{name}.{key} {value!r} (limit {limit})")
+        sched = index.get("scheduler")
+        if isinstance(sched, (list, tuple)) and sched and sched[0] is not None:
+            from diffusers import DDPMScheduler
+
+            t = DDPMScheduler.load_config(path, subfolder="scheduler", **hub).get("num_train_timesteps", 1000)
+            if not isinstance(t, int) or not 0 < t <= lim["num_train_timesteps"]:
+                problems.append(f"scheduler.num_train_timesteps {t!r} (limit {lim['num_train_timesteps']})")
+        if problems:
+            raise ValueError(f"Refusing {path}: its configs ask for sizes no downscaling model needs: {'; '.join(problems)}.")
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
                         push_to_hub: bool = False, **kwargs):

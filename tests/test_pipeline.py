@@ -602,3 +602,27 @@ def test_no_silent_nonsense_in_or_out(pipe, low_res, static):
         next(broken.unet.parameters()).fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="non-finite"):
         run(broken, low_res, static)
+
+
+@pytest.mark.parametrize("where, key, value, message", [
+    ("unet/config.json", "layers_per_block", 100000, "layers_per_block 100000"),
+    ("unet/config.json", "block_out_channels", [65536, 65536], "block_out_channels"),
+    ("scheduler/scheduler_config.json", "num_train_timesteps", 1000000000, "num_train_timesteps"),
+    ("model_index.json", "patch_size", 10**6, "patch_size"),
+    ("model_index.json", "norm_mean", None, r"lacks \['norm_mean'\]"),
+    ("model_index.json", "units", None, r"lacks \['units'\]"),
+])
+def test_untrusted_configs_are_bounded_and_complete(pipe, tmp_path, where, key, value, message):
+    import time as _time
+
+    pipe.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / where).read_text())
+    if value is None:
+        cfg.pop(key)
+    else:
+        cfg[key] = value
+    (tmp_path / where).write_text(json.dumps(cfg))
+    t0 = _time.perf_counter()
+    with pytest.raises(ValueError, match=message):
+        DownscalingPipeline.from_pretrained(tmp_path)
+    assert _time.perf_counter() - t0 < 10  # refused before anything is built

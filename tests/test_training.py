@@ -221,3 +221,21 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(high_res_fil
                         "--checkpointing_steps", "2", "--checkpoints_total_limit", "2", "--max_train_steps", "6"))
     assert "is unreadable" in caplog.text and f"falling back to {run / f'checkpoint-{first}'}" in caplog.text
     assert json.loads((out / "training_summary.json").read_text())["global_step"] == 6
+
+
+def test_training_options_are_type_checked_by_pydantic(tmp_path, capsys):
+    from dpdm_diffusers.training.train_dpdm import parse_args
+
+    good = tmp_path / "good.yaml"
+    good.write_text("learning_rate: 1e-4\nuse_ema: 'false'\nmax_train_steps: 10\n")  # PyYAML reads 1e-4 as a string
+    cfg = parse_args(["--config", str(good)])
+    assert cfg.learning_rate == 1e-4 and cfg.use_ema is False and cfg.max_train_steps == 10
+    for text, message in (("train_batch_size: 0\n", "train_batch_size: Input should be greater than 0"),
+                          ("use_ema: sometimes\n", "use_ema: Input should be a valid boolean"),
+                          ("patch_size: -64\n", "patch_size: Input should be greater than 0"),
+                          ("objective: diffusionn\n", "objective: Input should be 'diffusion' or 'regression'")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(SystemExit):
+            parse_args(["--config", str(bad)])
+        assert message in capsys.readouterr().err

@@ -23,9 +23,12 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from pydantic import ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -37,16 +40,23 @@ logger = logging.getLogger("dpdm_diffusers.training")
 COMPLETE_MARKER = "checkpoint_complete.json"
 
 
-@dataclass
+# Sizes, counts and rates are validated by pydantic (YAML's "1e-4" is a string, "false" is truthy in Python):
+# a wrong type or an impossible value is refused with the option named, before anything runs.
+positive = Annotated[int, Field(gt=0)]
+non_negative = Annotated[int, Field(ge=0)]
+rate = Annotated[float, Field(ge=0)]
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
 class TrainingConfig:
     # data ---------------------------------------------------------------------------------------
-    dataset: str = "files"  # "files" or "glosea4-ts-x4"
+    dataset: Literal["files", "glosea4-ts-x4"] = "files"  # "files" or "glosea4-ts-x4"
     high_res: list[str] = field(default_factory=list)  # netCDF/zarr paths or globs (dataset=files)
     low_res: list[str] = field(default_factory=list)  # optional real low-res source; default: block-mean
     variables: list[str] = field(default_factory=list)  # default: every variable of the files (or the base model's)
     variable_map: dict = field(default_factory=dict)  # your names -> the model's, e.g. {air_temperature: surface_temperature}
     transforms: list[str] = field(default_factory=list)  # default: log1p for precipitation, else identity
-    scale_factor: int | None = None  # default: the base model's, else 4
+    scale_factor: positive | None = None  # default: the base model's, else 4
     train_time: list[str] = field(default_factory=list)  # [start, end], inclusive
     validation_time: list[str] = field(default_factory=list)
     validation_lat_box: list[float] = field(default_factory=list)  # spatial validation box (few time steps):
@@ -59,80 +69,73 @@ class TrainingConfig:
     static_map: dict = field(default_factory=dict)  # names in static_files -> channels, e.g. {orog: topography}
     # model --------------------------------------------------------------------------------------
     unet_preset: str | None = None  # default "small"; fine-tuning keeps the base model's architecture
-    patch_size: int | None = None  # default: the base model's, else 64
-    prediction: str | None = None  # default: the base model's, else "residual"
-    interpolation: str | None = None  # default: the base model's, else "bilinear"
-    objective: str = "diffusion"  # or "regression" (deterministic baseline, same UNet)
+    patch_size: positive | None = None  # default: the base model's, else 64
+    prediction: Literal["residual", "full"] | None = None  # default: the base model's, else "residual"
+    interpolation: Literal["bilinear", "bicubic"] | None = None  # default: the base model's, else "bilinear"
+    objective: Literal["diffusion", "regression"] = "diffusion"  # or "regression" (deterministic baseline, same UNet)
     # two-stage (CorrDiff) model: a trained regression pipeline whose prediction is the mean; the diffusion
     # UNet learns what it misses, divided by its RMS (stochastic_std, from `stochastic_std_batches` batches)
     regression_model: str | None = None
-    stochastic_std_batches: int = 32
+    stochastic_std_batches: positive = 32
     # after training, scale stochastic_std on the validation split (dpdm_diffusers.calibration) to `calibration_target`;
     # default (None): on for two-stage models whenever there is a validation split
     calibrate_spread: bool | None = None
-    calibration_target: str = "ssr"  # "ssr": spread-skill 1 on validation; "crps": lowest fair CRPS (narrower)
-    calibration_members: int = 8
-    calibration_max_samples: int = 16
+    calibration_target: Literal["ssr", "crps"] = "ssr"  # "ssr": spread-skill 1 on validation; "crps": lowest fair CRPS (narrower)
+    calibration_members: Annotated[int, Field(ge=2)] = 8
+    calibration_max_samples: positive = 16
     # fine-tuning: a pretrained pipeline folder or Hub id. A two-stage base is fine-tuned as one: stage 1 (its
     # regression UNet, `regression_steps` steps) in output_dir/stage1-regression, then stage 2 (its diffusion UNet
     # on the new regression) with stochastic_std re-estimated and the spread calibrated on the validation split
     init_from: str | None = None
-    regression_steps: int | None = None  # two-stage fine-tuning: steps of stage 1 (default: max_train_steps)
+    regression_steps: positive | None = None  # two-stage fine-tuning: steps of stage 1 (default: max_train_steps)
     recompute_statistics: bool = False  # fine-tuning: keep the base model's statistics unless set
     # optimisation -------------------------------------------------------------------------------
-    max_train_steps: int = 1000
-    train_batch_size: int = 16
-    learning_rate: float = 1e-4
+    max_train_steps: positive = 1000
+    train_batch_size: positive = 16
+    learning_rate: rate = 1e-4
     lr_scheduler: str = "cosine"
-    lr_warmup_steps: int = 100
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16"
+    lr_warmup_steps: non_negative = 100
+    adam_weight_decay: rate = 1e-2
+    max_grad_norm: rate = 1.0
+    gradient_accumulation_steps: positive = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # "no" | "fp16" | "bf16"
     use_ema: bool = True
-    ema_decay: float = 0.999
+    ema_decay: Annotated[float, Field(ge=0, le=1)] = 0.999
     ema_warmup: bool = True  # decay grows as 1 - (1 + step)^-3/4 up to ema_decay, so early weights fade fast
     seed: int = 0
-    dataloader_num_workers: int = 0
+    dataloader_num_workers: non_negative = 0
     # checkpoints, validation, logging -----------------------------------------------------------
     output_dir: str = "runs/dpdm"
-    checkpointing_steps: int = 250
-    checkpoints_total_limit: int | None = 3
+    checkpointing_steps: non_negative = 250
+    checkpoints_total_limit: positive | None = 3
     resume_from_checkpoint: str | None = None  # a checkpoint folder or "latest"
-    validation_steps: int = 250
-    validation_members: int = 4
-    validation_inference_steps: int = 10
-    validation_max_samples: int = 4
+    validation_steps: non_negative = 250
+    validation_members: positive = 4
+    validation_inference_steps: positive = 10
+    validation_max_samples: positive = 4
     report_to: str = "tensorboard"  # "tensorboard" | "none" (tensorboard only when installed)
     push_to_hub: bool = False
     hub_model_id: str | None = None
     model_card_title: str = "DPDM downscaling model"
-    stop_after_steps: int | None = None  # end this invocation early (pieces of a long run); resume later
+    stop_after_steps: positive | None = None  # end this invocation early (pieces of a long run); resume later
 
 
 # ----------------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------------
 def _parse_value(raw: str, annotation: str):
+    """A command-line string for one option: lists and maps are split here; scalars are left to pydantic,
+    which converts "4", "1e-4" or "false" and refuses what does not fit the option's type."""
     if raw.lower() == "none" and "None" in annotation:
         return None
-    if "bool" in annotation:
-        if raw.lower() not in ("1", "true", "yes", "y", "0", "false", "no", "n"):
-            raise ValueError(f"expected true or false, got {raw!r}")
-        return raw.lower() in ("1", "true", "yes", "y")
     if annotation.startswith("list"):
-        items = [x for x in raw.split(",") if x != ""]
-        return [float(x) for x in items] if "float" in annotation else items
+        return [x for x in raw.split(",") if x != ""]
     if annotation.startswith("dict"):
         if raw.strip().startswith("{"):
             return json.loads(raw)
         from dpdm_diffusers.data import parse_mapping
 
         return parse_mapping(raw)  # a=b,c=d
-    if "int" in annotation:
-        return int(raw)
-    if "float" in annotation:
-        return float(raw)
     return raw
 
 
@@ -159,7 +162,11 @@ def parse_args(argv=None) -> TrainingConfig:
                 values[name] = _parse_value(raw, str(f.type))
             except ValueError as err:
                 parser.error(f"--{name}: {err}")
-    return TrainingConfig(**values)
+    try:
+        return TrainingConfig(**values)
+    except ValidationError as err:
+        problems = "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors())
+        parser.error(f"invalid options: {problems}")
 
 
 # ----------------------------------------------------------------------------------------------
