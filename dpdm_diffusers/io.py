@@ -80,6 +80,23 @@ def replace_atomically(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)  # a file is replaced atomically
 
 
+def explain_write_error(err: BaseException, path: Path) -> BaseException:
+    """A full disk or file-size limit, reported as such (netCDF says only "NetCDF: HDF error")."""
+    import errno
+
+    no_space = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    if not no_space and "HDF error" in str(err):
+        try:
+            no_space = shutil.disk_usage(path.parent).free < 64 * 2**20
+        except OSError:
+            no_space = False
+    if no_space:
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        return OSError(errno.ENOSPC, f"No space left to write {path} ({free / 2**20:.0f} MB free on its disk, or a "
+                                     f"file-size limit); nothing was left half-written", str(path))
+    return err
+
+
 def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``ds`` to ``path`` (``.nc`` or ``.zarr``) atomically, under a temporary name unique to this writer."""
     path = check_output(path, overwrite)
@@ -99,6 +116,11 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = 
             ds = ds.assign_attrs(written_by=f"dpdm-diffusers {__version__}")
             ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
         replace_atomically(tmp, path)
+    except (OSError, RuntimeError) as err:
+        better = explain_write_error(err, path)
+        if better is err:
+            raise
+        raise better from err
     finally:
         if tmp.exists():  # a failed write leaves nothing behind
             shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()

@@ -329,8 +329,13 @@ def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: 
         tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
         try:
             ds.to_netcdf(tmp, encoding=enc)  # dask streams chunk by chunk: bounded memory
-        except BaseException:
+        except BaseException as err:
             tmp.unlink(missing_ok=True)  # e.g. disk full: no half-written file left behind; the store stays
+            from .io import explain_write_error
+
+            better = explain_write_error(err, output)
+            if better is not err:
+                raise better from err
             raise
         finally:
             ds.close()

@@ -474,10 +474,18 @@ class DownscalingPipeline(DiffusionPipeline):
         if np.nanmax(np.abs(np.asarray(ds[lat_name].values, dtype=float))) > 90:
             raise ValueError(f"{lat_name!r} reaches {np.nanmax(np.abs(ds[lat_name].values)):.4g}: not a lat/lon grid "
                              "(projected x/y coordinates?); regrid to a regular lat/lon grid first.")
+        ds = self._contiguous_longitude(ds, lat_name, lon_name)
         src_in = Grid(ds[lat_name].values, ds[lon_name].values)  # validates monotonic/unique/regular
         lat_desc, lon_desc = src_in.lat[0] > src_in.lat[-1], src_in.lon[0] > src_in.lon[-1]
         ds = ds.sortby([lat_name, lon_name])
         src = Grid(ds[lat_name].values, ds[lon_name].values)
+        lon_base = None
+        if src.periodic:
+            # one canonical longitude order (0..360) for global fields, so the tiling and the noise canvas sit at the
+            # same places whatever the caller's convention (-180..180 or 0..360); output is given back in theirs
+            lon_base = float(src.lon.min() - src.dlon / 2)
+            ds = ds.assign_coords({lon_name: np.mod(ds[lon_name].values, 360.0)}).sortby(lon_name)
+            src = Grid(ds[lat_name].values, ds[lon_name].values)
         dims0 = ds[variables[0]].dims
         batch_dims = [d for d in dims0 if d not in (lat_name, lon_name)]
         empty = [d for d in batch_dims if ds.sizes[d] == 0]
@@ -502,12 +510,52 @@ class DownscalingPipeline(DiffusionPipeline):
         batch_shape = values.shape[:-3]
         values = values.reshape(-1, *values.shape[-3:])
         meta = {
+            "lon_base": lon_base,
             "sample_keys": sample_keys(ds, batch_dims),
             "rename_back": {b: a for a, b in variable_map.items()},
             "kind": kind, "ds": ds, "lat": lat_name, "lon": lon_name, "batch_dims": batch_dims,
             "batch_shape": batch_shape, "lat_desc": lat_desc, "lon_desc": lon_desc,
         }
         return values, src, meta
+
+    @staticmethod
+    def _contiguous_longitude(ds, lat_name, lon_name):
+        """A region across the dateline given in -180..180 (or across Greenwich in 0..360) is a regular grid in the
+        other convention: use that (the output's longitudes are then continuous, e.g. 170..190) instead of refusing."""
+        import xarray as xr
+
+        try:
+            Grid(np.sort(ds[lat_name].values), np.sort(ds[lon_name].values))
+            return ds
+        except ValueError as err:
+            first = err
+        lon = np.asarray(ds[lon_name].values, dtype=np.float64)
+        for shifted in (np.mod(lon, 360.0), (lon + 180.0) % 360.0 - 180.0):
+            try:
+                Grid(np.sort(ds[lat_name].values), np.sort(shifted))
+            except ValueError:
+                continue
+            return ds.assign_coords({lon_name: xr.Variable(lon_name, shifted, ds[lon_name].attrs)}).sortby(lon_name)
+        raise first
+
+    def _check_memory(self, rows: int, channels: int, height: int, width: int, device) -> None:
+        """Refuse, with the estimate, a call whose canvases cannot fit, before allocating them (stream long records
+        with `dpdm downscale`, which takes a few time steps at a time)."""
+        need = rows * channels * height * width * 4 * 8  # latents, outputs, accumulators, multistep history: ~8 copies
+        try:
+            if torch.device(device).type == "cuda":
+                free = torch.cuda.mem_get_info(torch.device(device))[0]
+            else:
+                import psutil
+
+                free = psutil.virtual_memory().available
+        except Exception:  # no way to tell: do not guess
+            return
+        if need > free:
+            raise MemoryError(
+                f"This call needs about {need / 2**30:.1f} GiB ({rows} member x sample canvases of {height} x {width} "
+                f"points) but {free / 2**30:.1f} GiB are free on {device}. Use fewer members or time steps per call, a "
+                "smaller domain, or `dpdm downscale`, which streams a record a few time steps at a time.")
 
     def _resolve_static(self, static_fields, dst: Grid, meta) -> np.ndarray | None:
         names = list(self.config.static_channels)
@@ -546,8 +594,11 @@ class DownscalingPipeline(DiffusionPipeline):
                 same = lat.shape == dst.lat.shape and lon.shape == dst.lon.shape
                 tol = 1e-3 * min(dst.dlat, dst.dlon)
                 if same:
-                    dlon = np.abs((lon - dst.lon + 180.0) % 360.0 - 180.0)  # 0..360 vs -180..180
-                    same = np.allclose(lat, dst.lat, atol=tol) and bool(np.all(dlon < tol))
+                    # match columns modulo 360 (the field may be in the other longitude convention or order)
+                    gap = np.abs((lon[None, :] - dst.lon[:, None] + 180.0) % 360.0 - 180.0)
+                    cols = gap.argmin(axis=1)
+                    same = np.allclose(lat, dst.lat, atol=tol) and bool(np.all(gap[np.arange(cols.size), cols] < tol))
+                    f = f.isel({lo: cols})
                 if not same:
                     raise ValueError(
                         f"Static field {n!r} is on a {lat.size}x{lon.size} grid (lat {lat.min():.3f}..{lat.max():.3f}, "
@@ -660,7 +711,11 @@ class DownscalingPipeline(DiffusionPipeline):
                 data_vars[v] = xr.Variable((*dims_lead, *batch_dims, lat_name, lon_name), arr[..., i, :, :], va)
             keep = {k: c for k, c in coords.items() if k != member_dim or dims_lead}
             out = xr.Dataset(data_vars, coords=keep, attrs=attrs)
-            # give the caller back their own latitude/longitude order
+            # give the caller back their own longitude convention and latitude/longitude order
+            if meta.get("lon_base") is not None:
+                base = meta["lon_base"]
+                theirs = base + np.mod(out[lon_name].values - base, 360.0)
+                out = out.assign_coords({lon_name: xr.Variable(lon_name, theirs, out[lon_name].attrs)}).sortby(lon_name)
             if meta["lat_desc"]:
                 out = out.isel({lat_name: slice(None, None, -1)})
             if meta["lon_desc"]:
@@ -825,6 +880,7 @@ class DownscalingPipeline(DiffusionPipeline):
         if cfg.objective == "regression":
             seeds = seeds[:1]  # every member of a deterministic model is the same field: compute it once
         num_vars = self.unet.config.out_channels
+        self._check_memory(len(seeds) * num_batch, 2 * num_vars + norm.num_static, canvas_h, canvas_w, device)
         row_gens = [torch.Generator().manual_seed(noise_seed(s, key)) for s in seeds for key in prep.meta["sample_keys"]]
         num_rows = len(row_gens)
         latents = torch.cat([torch.randn((1, num_vars, canvas_h, canvas_w), generator=g) for g in row_gens])

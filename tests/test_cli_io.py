@@ -143,9 +143,19 @@ def test_a_failed_write_leaves_the_old_output_and_no_partial_file(tmp_path, monk
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(xr.Dataset, "to_netcdf", full_disk)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="No space left to write"):
         write_dataset(make_low_res() + 1, path, overwrite=True)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["out.nc"]
+
+    def hdf_error(self, *a, **k):  # what netCDF4 raises when the disk fills up
+        raise RuntimeError("NetCDF: HDF error")
+
+    monkeypatch.setattr(xr.Dataset, "to_netcdf", hdf_error)
+    import shutil
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("du", (), {"free": 1024})())
+    with pytest.raises(OSError, match="No space left to write"):
+        write_dataset(make_low_res() + 1, path, overwrite=True)
 
 
 def test_output_path_problems_are_found_before_computing(tmp_path):

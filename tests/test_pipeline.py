@@ -626,3 +626,35 @@ def test_untrusted_configs_are_bounded_and_complete(pipe, tmp_path, where, key, 
     with pytest.raises(ValueError, match=message):
         DownscalingPipeline.from_pretrained(tmp_path)
     assert _time.perf_counter() - t0 < 10  # refused before anything is built
+
+
+def test_a_global_field_is_the_same_in_either_longitude_convention(pipe):
+    grid_lon = np.arange(0, 360, 22.5) + 11.25  # 16 coarse columns: global, periodic
+    lat = np.arange(-30, 30, 10.0) + 5
+    rng = np.random.default_rng(0)
+    vals = (280 + 3 * rng.standard_normal((1, lat.size, grid_lon.size))).astype("float32")
+    east = xr.Dataset({"tas": (("time", "lat", "lon"), vals, {"units": "K"})},
+                      coords={"time": np.array(["2000-01-01"], dtype="datetime64[ns]"), "lat": lat, "lon": grid_lon})
+    west = east.assign_coords(lon=(east.lon + 180) % 360 - 180).sortby("lon")  # -180..180, rolled
+    fine = Grid.from_xarray(east).refine(4)
+    st = make_static(fine)
+    st_west = {k: v.assign_coords(lon=(v.lon + 180) % 360 - 180).sortby("lon") for k, v in st.items()}
+    a = run(pipe, east, st, num_members=2).members.tas
+    b = run(pipe, west, st_west, num_members=2).members.tas
+    assert b.lon.values.min() < 0 and np.all(np.diff(b.lon.values) > 0)  # given back in the caller's convention
+    b360 = b.assign_coords(lon=b.lon % 360).sortby("lon")
+    np.testing.assert_allclose(b360.values, a.values, atol=1e-4)
+
+
+def test_a_dateline_region_in_minus180_180_works_and_a_huge_call_is_refused_with_an_estimate(pipe, monkeypatch):
+    lon = np.array([170.5, 171.5, 172.5, 173.5, 174.5, 175.5, 176.5, 177.5, 178.5, 179.5, -179.5, -178.5])
+    low = make_low_res(nlon=12).assign_coords(lon=lon)  # a region across the dateline, -180..180 convention
+    fine = Grid(Grid.from_xarray(low.assign_coords(lon=np.mod(lon, 360)).sortby("lon")).refine(4).lat,
+                Grid.from_xarray(low.assign_coords(lon=np.mod(lon, 360)).sortby("lon")).refine(4).lon)
+    out = run(pipe, low, make_static(fine), num_members=1).members.tas
+    assert np.all(np.diff(out.lon.values) > 0) and out.lon.values.max() > 180  # continuous longitudes across 180
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 2**20})())
+    with pytest.raises(MemoryError, match=r"needs about .* GiB .* but 0.0 GiB are free"):
+        run(pipe, make_low_res(), make_static(Grid.from_xarray(make_low_res()).refine(4)), num_members=50)
