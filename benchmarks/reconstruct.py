@@ -194,8 +194,13 @@ def part_fastpaths(tmp: Path, n: int, members: int) -> list[dict]:
 
 
 def write(result: dict, out: Path) -> str:
-    L = ["# Long reconstructions", "", f"Command: `{result['command']}`; 2-core CPU, torch {result['torch']}, "
-         "the shipped two-stage model, DPM-Solver++ 10 steps, demo grid (36 x 48 -> 144 x 192 points).", ""]
+    L = ["# Long reconstructions", "", f"`python benchmarks/reconstruct.py` (each part below names the run that measured it); "
+         f"2-core CPU, torch {result['torch']}, the shipped two-stage model, DPM-Solver++ 10 steps, demo grid "
+         "(36 x 48 -> 144 x 192 points).", ""]
+    for part in ("throughput", "memory", "resume", "fastpaths"):
+        if part in result and f"{part}_command" in result:
+            L.append(f"- {part}: `{result[f'{part}_command']}`")
+    L.append("")
     if "throughput" in result:
         t = result["throughput"]
         L += ["## Throughput and projection", "",
@@ -251,14 +256,11 @@ def main():
     result.update(command="python benchmarks/reconstruct.py " + " ".join(sys.argv[1:]), torch=torch.__version__)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if "throughput" in parts:
-            result["throughput"] = part_throughput(tmp, 24, 10)
-        if "memory" in parts:
-            result["memory"] = part_memory(tmp)
-        if "resume" in parts:
-            result["resume"] = part_resume(tmp, 24, 4)
-        if "fastpaths" in parts:
-            result["fastpaths"] = part_fastpaths(tmp, 4, 4)
+        runners = {"throughput": lambda: part_throughput(tmp, 24, 10), "memory": lambda: part_memory(tmp),
+                   "resume": lambda: part_resume(tmp, 24, 4), "fastpaths": lambda: part_fastpaths(tmp, 4, 4)}
+        for part in parts:
+            result[part] = runners[part]()
+            result[f"{part}_command"] = result["command"]
     print(write(result, out))
 
 

@@ -25,6 +25,7 @@ import xarray as xr
 
 from . import data
 from .grids import Grid
+from .units import require_units
 
 logger = logging.getLogger(__name__)
 
@@ -118,8 +119,6 @@ def load_region(
     else:
         hr = data.map_variables(hr, variables, variable_map)
     for v in variables:
-        from .units import require_units
-
         require_units(hr[v], v, (units or {}).get(v))
     if units:
         hr = data.convert_to_units(hr, {v: units[v] for v in variables if v in units})
