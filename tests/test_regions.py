@@ -272,6 +272,10 @@ def test_save_pretrained_keeps_the_card_and_push_to_hub_uploads_it(tmp_path, mon
     uploaded = DownscalingPipeline.from_pretrained(hub / "me/gulf-coast")
     assert uploaded.config.hub_id == "me/gulf-coast"  # the id travels with the folder: lineage for fine-tunes
     assert not list((hub / "me/gulf-coast").rglob("*.bin"))  # safetensors only
+    # diffusers' save_pretrained(push_to_hub=True) path uploads the same project card, not a blank template
+    pipe.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="me/second")
+    assert "# My regional model" in (hub / "me/second" / "README.md").read_text()
+    assert 'from_pretrained("me/second")' in (hub / "me/second" / "README.md").read_text()
 
 
 def test_finetune_cli_refuses_bad_names_with_a_message_not_a_traceback(region_file, tmp_path):
