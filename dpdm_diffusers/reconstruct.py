@@ -217,6 +217,7 @@ def reconstruct(
     model_id = model_id or str(getattr(pipe, "name_or_path", "") or "")
     settings = run_settings(pipe, low_res, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
                             chunk_size=chunk_size, members=members, stats=stats, variable_map=variable_map, model_id=model_id)
+    settings = json.loads(json.dumps(settings, default=str))  # compared with the stored JSON: same types (lists, str)
     store = partial_path(output)
     chunks = _chunks(low_res.sizes["time"], chunk_size)
 
