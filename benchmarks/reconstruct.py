@@ -65,38 +65,23 @@ def static_fields(low):
 
 
 def memory_child(n: int, out: str) -> dict:
-    """Runs in a fresh process: peak RSS of a stubbed reconstruction of ``n`` steps, sampled every 20 ms."""
-    import threading
-
-    import psutil
+    """Runs in a fresh process: peak RSS of a stubbed reconstruction of ``n`` steps, sampled by a thread."""
+    from peak_rss import PeakRSS
 
     from dpdm_diffusers.reconstruct import reconstruct
 
-    proc = psutil.Process()
     low = record(n)
     pipe = load(stub=True)
     st = static_fields(low)
     reconstruct(pipe, low.isel(time=slice(0, 12)), out + ".warm.zarr", num_members=4, num_inference_steps=10, chunk_size=12,
                 static_fields=st, progress=False)  # warm-up: imports, caches, allocator
-    base = proc.memory_info().rss
-    peak = [base]
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.02)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    t0 = time.perf_counter()
-    reconstruct(pipe, low, out, num_members=4, num_inference_steps=10, chunk_size=12, static_fields=st, progress=False)
-    wall = time.perf_counter() - t0
-    stop.set()
-    th.join()
+    with PeakRSS(interval=0.02) as mem:
+        t0 = time.perf_counter()
+        reconstruct(pipe, low, out, num_members=4, num_inference_steps=10, chunk_size=12, static_fields=st, progress=False)
+        wall = time.perf_counter() - t0
     size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-    return {"time_steps": n, "baseline_rss_mb": base / 2**20, "peak_rss_mb": peak[0] / 2**20,
-            "growth_mb": (peak[0] - base) / 2**20, "output_mb": size / 2**20, "wall_s": wall}
+    return {"time_steps": n, "baseline_rss_mb": mem.baseline / 2**20, "peak_rss_mb": mem.peak / 2**20,
+            "growth_mb": (mem.peak - mem.baseline) / 2**20, "output_mb": size / 2**20, "wall_s": wall}
 
 
 def part_memory(tmp: Path) -> list[dict]:

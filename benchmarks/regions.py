@@ -65,7 +65,9 @@ def scores(ens: xr.DataArray, truth: xr.DataArray, box=None) -> dict:
 
 def rel(path) -> str:
     """A path as results files show it: relative to the repository, never a machine's absolute path."""
-    return os.path.relpath(path, ROOT) if str(path).startswith(str(ROOT)) else os.path.basename(str(path))
+    from dpdm_diffusers.io import portable_path
+
+    return portable_path(os.path.abspath(path))
 
 
 def portable(argv) -> str:

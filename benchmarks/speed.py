@@ -135,32 +135,19 @@ def _call_memory_child(nlat: int, nlon: int, model: str | None, members: int) ->
     """Resident memory the call itself adds, sampled every 2 ms in a thread (peak RSS of the whole process
     is dominated by imports and would hide it)."""
     import gc
-    import threading
 
-    import psutil
+    from peak_rss import PeakRSS
 
-    proc = psutil.Process()
     pipe = load_pipe(model)
     small = low_res_field(16, 16)
     pipe(small, static_fields=static_for(small, pipe), num_members=1, num_inference_steps=1)  # lazy init, thread pools
     ds = low_res_field(nlat, nlon)
     static = static_for(ds, pipe)
     gc.collect()
-    before = proc.memory_info().rss
-    peak, stop = [before], threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            stop.wait(0.002)
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    out = pipe(ds, static_fields=static, num_members=members, num_inference_steps=2,
-               generator=torch.Generator().manual_seed(0), batch_size=16)
-    stop.set()
-    thread.join()
-    peak_b = max(peak[0], proc.memory_info().rss)
+    with PeakRSS(interval=0.002) as mem:
+        out = pipe(ds, static_fields=static, num_members=members, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0), batch_size=16)
+    before, peak_b = mem.baseline, mem.peak
     out_b = sum(a.nbytes for a in (out.members.surface_temperature.values, out.mean.surface_temperature.values,
                                    out.std.surface_temperature.values))
     print(json.dumps({"before_mb": before / 2**20, "call_growth_mb": (peak_b - before) / 2**20, "output_mb": out_b / 2**20}))

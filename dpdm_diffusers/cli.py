@@ -66,7 +66,7 @@ def downscale(
     import xarray as xr
 
     from dpdm_diffusers import DownscalingPipeline
-    from dpdm_diffusers.data import parse_mapping, standardize
+    from dpdm_diffusers.data import mapping_hint, parse_mapping, standardize
     from dpdm_diffusers.evaluation import set_scheduler
     from dpdm_diffusers.grids import Grid
     from dpdm_diffusers.reconstruct import process_state, reconstruct
@@ -92,8 +92,7 @@ def downscale(
         names = [v for v in pipe.config.variables if v not in mapping.values()] + wanted
         missing = [v for v in names if v not in ds.data_vars]
         if missing:
-            spare = [str(v) for v in ds.data_vars if v not in names]
-            hint = f" If {spare[0]!r} is your name for {missing[0]!r}, pass --variable {spare[0]}={missing[0]}." if len(spare) == 1 == len(missing) else ""
+            hint = mapping_hint(missing, [str(v) for v in ds.data_vars if v not in names])
             raise ValueError(f"{input} lacks the model's variables {missing}; it holds {sorted(map(str, ds.data_vars))}.{hint}")
         ds = ds[names]
         static_fields = None

@@ -34,6 +34,7 @@ __all__ = [
     "regularize",
     "select_variables",
     "map_variables",
+    "mapping_hint",
     "parse_mapping",
     "convert_to_units",
     "select_time",
@@ -313,6 +314,19 @@ def parse_mapping(items) -> dict[str, str]:
     return out
 
 
+_CLI_FLAGS = {"variable_map": "--variable", "static_map": "--static-map"}
+
+
+def mapping_hint(missing: Sequence[str], spare: Sequence[str], option: str = "variable_map") -> str:
+    """With one missing and one unknown name, the sentence that spells out the mapping to pass (Python, CLI and
+    config forms); otherwise ``""``. Shared by the data layer, the pipeline and the CLI."""
+    if len(missing) != 1 or len(spare) != 1:
+        return ""
+    a, b = spare[0], missing[0]
+    return (f" If {a!r} is your name for {b!r}, map it: `{option}={{{a!r}: {b!r}}}` (Python), "
+            f"`{_CLI_FLAGS.get(option, '--' + option)} {a}={b}` (CLI) or `{option}: {{{a}: {b}}}` (config).")
+
+
 def map_variables(ds: xr.Dataset, expected: Sequence[str], mapping: Mapping[str, str] | None = None, *,
                   what: str = "variables", option: str = "variable_map") -> xr.Dataset:
     """Rename ``ds``'s variables with ``mapping`` (yours -> the model's) and keep exactly ``expected``.
@@ -332,11 +346,7 @@ def map_variables(ds: xr.Dataset, expected: Sequence[str], mapping: Mapping[str,
     missing = [v for v in expected if v not in ds.data_vars]
     if missing:
         spare = [str(v) for v in ds.data_vars if v not in expected and str(v) not in _COORD_LIKE]
-        hint = ""
-        if len(missing) == 1 and len(spare) == 1:
-            a, b = spare[0], missing[0]
-            hint = (f" If {a!r} is your name for {b!r}, map it: `--{option.replace('_map', '')} {a}={b}` (CLI), "
-                    f"`{option}: {{{a}: {b}}}` (config) or `{option}={{{a!r}: {b!r}}}` (Python).")
+        hint = mapping_hint(missing, spare, option)
         raise KeyError(f"The model's {what} {missing} are not in the data, which holds {sorted(map(str, ds.data_vars))}.{hint}")
     return ds[expected]
 

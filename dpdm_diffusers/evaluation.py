@@ -149,7 +149,9 @@ def write_report(result: EvaluationResult, out_dir: str | Path, name: str = "qua
     )
     (out / f"{name}.md").write_text(header + result.markdown + "\n")
     records = result.table.to_dict(orient="records")
-    (out / f"{name}.json").write_text(json.dumps({"config": result.config, "timings": result.timings,
+    from dpdm_diffusers.io import portable_path
+
+    (out / f"{name}.json").write_text(json.dumps({"config": portable_path(result.config), "timings": result.timings,
                                                   "machine": machine, "command": command, "scores": records}, indent=2))
     figs = {}
     r, t = 0, 0

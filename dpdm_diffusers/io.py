@@ -30,6 +30,26 @@ def _encoding(ds: xr.Dataset) -> dict:
     return {v: {"zlib": True, "complevel": 4, "dtype": "float32"} for v in ds.data_vars if np.issubdtype(ds[v].dtype, np.floating)}
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def portable_path(value):
+    """Paths as results files and model cards record them: relative to the working directory or the repository when
+    inside it, else the bare name; never a machine's absolute path. Lists and dicts are converted item by item;
+    anything that is not an absolute path is returned as it is."""
+    if isinstance(value, (list, tuple)):
+        return [portable_path(v) for v in value]
+    if isinstance(value, dict):
+        return {k: portable_path(v) for k, v in value.items()}
+    if isinstance(value, (str, os.PathLike)) and os.path.isabs(value):
+        for base in (Path.cwd(), REPO_ROOT):
+            rel = os.path.relpath(value, base)
+            if not rel.startswith(".."):
+                return rel
+        return os.path.basename(os.fspath(value).rstrip("/"))
+    return value
+
+
 def is_own_output(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an output this tool wrote (so ``overwrite`` may replace it): a netCDF *file*, or a zarr
     store whose attributes name dpdm-diffusers. Anything else (a folder named ``x.nc``, a foreign zarr store, a

@@ -459,13 +459,12 @@ class DownscalingPipeline(DiffusionPipeline):
         missing = [v for v in variables if v not in ds.data_vars]
         extra = [v for v in ds.data_vars if v not in variables]
         if missing or extra:
-            hint = f" (select them with ds[{variables}])"
-            if len(missing) == 1 and len(extra) == 1:
-                hint = (f". If {extra[0]!r} is your name for {missing[0]!r}, pass variable_map={{{extra[0]!r}: {missing[0]!r}}} "
-                        f"(CLI: --variable {extra[0]}={missing[0]})")
+            from dpdm_diffusers.data import mapping_hint
+
+            hint = mapping_hint(missing, [str(v) for v in extra]) or f" Select them with ds[{variables}]."
             raise ValueError(
                 f"Variables do not match the model: missing {missing}, unexpected {extra}; the model expects "
-                f"{variables}{hint}."
+                f"{variables}.{hint}"
             )
         lat_name, lon_name = lat_lon_names(ds)
         for name in (lat_name, lon_name):  # a dim without values would silently read as 0, 1, 2 ... degrees

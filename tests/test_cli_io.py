@@ -86,6 +86,7 @@ def test_cli_evaluate_end_to_end_on_glosea4(tmp_path):
     res = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "model"), "--members", "1,2", "--steps", "1",
                               "--max-fields", "1", "--baselines", "lerp", "--out-dir", str(out)])
     assert res.exit_code == 0, res.output
+    assert str(tmp_path) not in (out / "quality_glosea4.json").read_text()  # no machine paths in results
     md = (out / "quality_glosea4.md").read_text()
     assert "| Lerp |" in md and "DPDM 2-member mean" in md and "northern_australia" in md
     for f in ("quality_glosea4.json", "quality_glosea4_maps.png", "quality_glosea4_skill_vs_members.png",

@@ -473,22 +473,11 @@ def validate(pipe, val, cfg, seed: int) -> dict:
 # ----------------------------------------------------------------------------------------------
 # model card
 # ----------------------------------------------------------------------------------------------
-def _portable(value):
-    """Paths as the card shows them: relative to the working directory, never a machine's absolute path."""
-    if isinstance(value, list):
-        return [_portable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _portable(v) for k, v in value.items()}
-    if isinstance(value, str) and os.path.isabs(value):
-        rel = os.path.relpath(value)
-        return rel if not rel.startswith("..") else os.path.basename(value.rstrip("/"))
-    return value
-
-
 def training_card(cfg, pipe, *, data_info, fields, global_step, num_processes, wall, validation, calibration,
                   stochastic_std, base=None) -> str:
     """The model card of a training run: lineage, data, procedure, architecture (read off the weights), scores."""
     from dpdm_diffusers import __version__
+    from dpdm_diffusers.io import portable_path
     from dpdm_diffusers.model_card import base_model_reference, render_model_card
     from dpdm_diffusers.modeling import describe_unet
 
@@ -498,10 +487,10 @@ def training_card(cfg, pipe, *, data_info, fields, global_step, num_processes, w
                + (f", fine-tuned from {base_text}" if base_text else "")
                + (", two-stage: regression UNet mean + residual diffusion (stochastic_std "
                   + ", ".join(f"{x:.3f}" for x in stochastic_std) + ")" if two_stage else "") + ".")
-    command = " ".join(str(_portable(a)) if os.path.exists(a) else a for a in sys.argv)
+    command = " ".join(str(portable_path(a)) if os.path.exists(a) else a for a in sys.argv)
     arch = [f"- {name}: {describe_unet(m)}" for name, m in (("unet", pipe.unet), ("regression_unet", pipe.regression_unet)) if m is not None]
     sections = {
-        "Training data": "\n".join(f"- {k}: {_portable(v)}" for k, v in data_info.items())
+        "Training data": "\n".join(f"- {k}: {portable_path(v)}" for k, v in data_info.items())
         + f"\n- high-res training grid: {fields.shape[0]} x {fields.shape[1]}, {fields.num_samples} training fields",
         "Training procedure": "\n".join([
             f"- steps: {global_step}, batch {cfg.train_batch_size} x {num_processes} processes "
@@ -510,7 +499,7 @@ def training_card(cfg, pipe, *, data_info, fields, global_step, num_processes, w
             f"- AdamW lr {cfg.learning_rate}, {cfg.lr_scheduler} schedule, EMA {cfg.use_ema} (decay {cfg.ema_decay})",
             f"- seed {cfg.seed}, mixed precision {cfg.mixed_precision}, wall time of this invocation {wall / 60:.1f} min",
             f"- command: `{command}`",
-            "- config:\n\n```yaml\n" + yaml.safe_dump(_portable(dataclasses.asdict(cfg)), sort_keys=False) + "```",
+            "- config:\n\n```yaml\n" + yaml.safe_dump(portable_path(dataclasses.asdict(cfg)), sort_keys=False) + "```",
         ]),
         "Validation": "\n".join(f"- {k}: {v:.4f}" for k, v in validation.items()) or "no validation scores yet",
     }
