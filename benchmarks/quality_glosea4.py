@@ -4,7 +4,12 @@
         --regression-model models/regression-glosea4-ts-x4 --members 1,10,33 --scheduler dpmsolver++ --steps 20
 
 Writes benchmarks/results/quality_glosea4.md and .json (Table 1 of the paper per region, plus CRPS,
-spread-skill and the training-climatology ACC) and the figures beside them.
+spread-skill and the training-climatology ACC; the Lerp + lapse rate baselines; every DPDM row, Lerp,
+Lerp + lapse rate and the regression model also after conservation; the global rank histogram of the
+largest ensemble with its flatness) and the figures beside them. Paths are recorded relative to the
+repository. A quick check of the whole path (a minute on a CPU), written elsewhere:
+
+    python benchmarks/quality_glosea4.py --max-fields 1 --members 1,2 --steps 2 --out-dir /tmp/quality-smoke
 """
 
 from __future__ import annotations
@@ -25,6 +30,9 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-fields", type=int, default=None)
+    ap.add_argument("--baselines", default="lerp,bicubic,lerp_lapse,bicubic_lapse",
+                    help="comma-separated names from dpdm_diffusers.evaluation.BASELINES")
+    ap.add_argument("--no-conservation", action="store_true", help="skip the '+ conservation' rows")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
 
@@ -32,11 +40,13 @@ def main():
 
     reg = args.regression_model if Path(args.regression_model).exists() else None
     result = evaluate_glosea4(
-        args.model, members=[int(m) for m in args.members.split(",")], baselines=("lerp", "bicubic"),
+        args.model, members=[int(m) for m in args.members.split(",")],
+        baselines=[b.strip() for b in args.baselines.split(",") if b.strip()],
         regression_model=reg, scheduler=args.scheduler, num_inference_steps=args.steps, seed=args.seed,
-        max_fields=args.max_fields,
+        max_fields=args.max_fields, conservation=not args.no_conservation,
     )
-    figs = write_report(result, args.out_dir, command="python " + " ".join(sys.argv))
+    # write_report records the command with paths made relative (io.portable_command)
+    figs = write_report(result, args.out_dir, command=["python", *sys.argv])
     print(result.markdown)
     print("figures:", figs)
 

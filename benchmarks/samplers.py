@@ -67,7 +67,7 @@ def main():
         pipe.unet.forward = forward
         t0 = time.perf_counter()
         out = pipe(low, static_fields=static, num_members=args.members, num_inference_steps=steps,
-                   generator=torch.Generator().manual_seed(0), batch_size=64)
+                   generator=torch.Generator().manual_seed(0), tiles_per_call=64)
         wall = time.perf_counter() - t0
         pipe.unet.forward = original
         ens = out.members[VARIABLE].values  # (member, realization, time, lat, lon)

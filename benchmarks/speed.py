@@ -108,7 +108,7 @@ def overhead_and_batching(pipe, quick: bool) -> dict:
     for batch_size in (4, 16, 64):
         stats["seconds"], stats["tiles"] = 0.0, 0
         t0 = time.perf_counter()
-        pipe(ds, static_fields=static, num_members=members, num_inference_steps=steps, generator=gen(), batch_size=batch_size)
+        pipe(ds, static_fields=static, num_members=members, num_inference_steps=steps, generator=gen(), tiles_per_call=batch_size)
         by_batch[batch_size] = {"pipeline_s": time.perf_counter() - t0, "raw_unet_s": stats["seconds"]}
     n_tiles = stats["tiles"] // steps // members
 
@@ -116,7 +116,7 @@ def overhead_and_batching(pipe, quick: bool) -> dict:
     t0 = time.perf_counter()
     for k in range(members):  # the reference implementation: members one by one, one tile per UNet call
         pipe(ds, static_fields=static, num_members=1, num_inference_steps=steps,
-             generator=torch.Generator().manual_seed(k), batch_size=1)
+             generator=torch.Generator().manual_seed(k), tiles_per_call=1)
     looped = time.perf_counter() - t0
     pipe.unet.forward = original
     best = min(by_batch, key=lambda b: by_batch[b]["pipeline_s"])
@@ -146,7 +146,7 @@ def _call_memory_child(nlat: int, nlon: int, model: str | None, members: int) ->
     gc.collect()
     with PeakRSS(interval=0.002) as mem:
         out = pipe(ds, static_fields=static, num_members=members, num_inference_steps=2,
-                   generator=torch.Generator().manual_seed(0), batch_size=16)
+                   generator=torch.Generator().manual_seed(0), tiles_per_call=16)
     before, peak_b = mem.baseline, mem.peak
     out_b = sum(a.nbytes for a in (out.members.surface_temperature.values, out.mean.surface_temperature.values,
                                    out.std.surface_temperature.values))

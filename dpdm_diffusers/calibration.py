@@ -36,7 +36,7 @@ def calibrate_spread(
     num_members: int = 8,
     num_inference_steps: int = 10,
     seed: int = 0,
-    batch_size: int = 32,
+    tiles_per_call: int = 32,
     factors: Sequence[float] = DEFAULT_FACTORS,
     member_dim: str = "member",
     target: str = "ssr",
@@ -64,8 +64,8 @@ def calibrate_spread(
     cfg = pipe.config
     variables, transforms = list(cfg.variables), list(cfg.transforms)
     out = pipe(low_res, static_fields=static_fields, num_members=num_members, num_inference_steps=num_inference_steps,
-               generator=torch.Generator().manual_seed(seed), batch_size=batch_size, member_dim=member_dim)
-    center = pipe.regression_pipeline()(low_res, static_fields=static_fields, batch_size=batch_size).mean
+               generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call, member_dim=member_dim)
+    center = pipe.regression_pipeline()(low_res, static_fields=static_fields, tiles_per_call=tiles_per_call).mean
     members, center, truth = (_as_dataset(x, variables) for x in (out.members, center, truth))
 
     def to_t(da, name):  # physical -> transformed space, where members are linear in the factor

@@ -43,7 +43,8 @@ def downscale(
     chunk_size: int = typer.Option(12, min=1, help="Time steps per chunk: written as soon as done, the unit of resume."),
     write_members: bool = typer.Option(True, "--write-members/--no-write-members", help="Write every member (<var>)."),
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Write the ensemble mean and spread (<var>_mean, <var>_std)."),
-    batch_size: Optional[int] = typer.Option(None, min=1, help="Tiles per UNet call (default: 16 on CPU, 256 on a GPU)."),
+    tiles_per_call: Optional[int] = typer.Option(None, "--tiles-per-call", "--batch-size", min=1,
+                                                 help="Tiles per UNet call, a speed/memory knob (default: 16 on CPU, 256 on a GPU); --batch-size is its old name."),
     static: Optional[Path] = typer.Option(None, exists=True, help="Static fields file, any regular grid (default: packaged)."),
     variable: list[str] = typer.Option([], "--variable", help="Your variable name = the model's, e.g. air_temperature=surface_temperature."),
     static_map: list[str] = typer.Option([], "--static-map", help="Variable name in the --static file = channel, e.g. orog=topography."),
@@ -105,7 +106,7 @@ def downscale(
                                    rename=parse_mapping(static_map))
             static_fields = {k: sf[k] for k in sf.data_vars}
         res = reconstruct(pipe, ds, output, num_members=members, num_inference_steps=steps, seed=seed, chunk_size=chunk_size,
-                          static_fields=static_fields, variable_map=mapping, batch_size=batch_size, members=write_members,
+                          static_fields=static_fields, variable_map=mapping, tiles_per_call=tiles_per_call, members=write_members,
                           stats=stats, overwrite=overwrite, progress=not quiet, model_id=model)
     except (KeyError, ValueError, FileExistsError, PermissionError) as err:  # bad input: the message, not a traceback
         raise typer.BadParameter(str(err).strip("'\"")) from None

@@ -50,6 +50,28 @@ def portable_path(value):
     return value
 
 
+def portable_command(command) -> str:
+    """A command line (a string or an argv list) with every absolute path argument made :func:`portable_path`, also
+    the value of an ``--option=/path`` argument, so a recorded command never names a machine's folders."""
+    import shlex
+
+    if isinstance(command, str):
+        try:
+            args = shlex.split(command)
+        except ValueError:  # unbalanced quotes: split on blanks
+            args = command.split()
+    else:
+        args = [os.fspath(a) for a in command]
+    out = []
+    for a in args:
+        if a.startswith("-") and "=" in a:
+            key, value = a.split("=", 1)
+            out.append(f"{key}={portable_path(value)}")
+        else:
+            out.append(portable_path(a))
+    return shlex.join(out)
+
+
 def is_own_output(path: str | os.PathLike) -> bool:
     """Whether ``path`` is an output this tool wrote (so ``overwrite`` may replace it): a netCDF *file*, or a zarr
     store whose attributes name dpdm-diffusers. Anything else (a folder named ``x.nc``, a foreign zarr store, a

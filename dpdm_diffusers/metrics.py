@@ -52,6 +52,8 @@ __all__ = [
     "crps",
     "spread_skill_ratio",
     "rank_histogram",
+    "reliability_index",
+    "outside_fraction",
     "power_spectrum",
     "score_table",
     "to_markdown",
@@ -500,6 +502,42 @@ def rank_histogram(
     counts = [(rank == r).sum(red) for r in range(M + 1)]
     out = xr.concat(counts, dim="rank").assign_coords(rank=np.arange(M + 1))
     return out.astype(np.int64).rename("rank_histogram")
+
+
+def _rank_frequencies(hist, rank_dim: Hashable) -> tuple[xr.DataArray, int]:
+    """Relative bin frequencies ``n_k / N`` along ``rank_dim`` (or the last axis of an array) and M."""
+    if not isinstance(hist, xr.DataArray):
+        hist = np.asarray(hist)
+        hist = xr.DataArray(hist, dims=[f"dim_{i}" for i in range(hist.ndim - 1)] + [rank_dim])
+    h = hist.astype(np.float64)
+    n = h.sum(rank_dim)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (h / n).where(n > 0), h.sizes[rank_dim] - 1
+
+
+def reliability_index(hist, rank_dim: Hashable = "rank") -> xr.DataArray:
+    """Flatness of a rank histogram: the reliability index of Delle Monache et al. (2006)::
+
+        RI = sum_{k=0..M} | n_k / N - 1 / (M + 1) |
+
+    with ``n_k`` the count of bin ``k`` (of ``M + 1``, from :func:`rank_histogram`) and ``N = sum n_k``. 0 for a
+    perfectly flat histogram, ``2 M / (M + 1)`` (about 2) when every truth falls in one bin; a U shape
+    (under-dispersive ensemble) or a dome (over-dispersive) scores above 0. Independent of ``N``, unlike
+    Candille & Talagrand's ``delta = sum (n_k - N/(M+1))^2 / (N M / (M+1))``, which assumes independent
+    truths and grows with ``N`` on a correlated grid. ``hist``: a DataArray with ``rank_dim`` or an array
+    with the bins on its last axis; returns one value per remaining dim.
+    """
+    f, M = _rank_frequencies(hist, rank_dim)
+    return abs(f - 1.0 / (M + 1)).sum(rank_dim, skipna=False).rename("reliability_index")
+
+
+def outside_fraction(hist, rank_dim: Hashable = "rank") -> xr.DataArray:
+    """Fraction of truths outside the ensemble's range (first + last rank bins), ``(n_0 + n_M) / N``.
+
+    A calibrated ``M``-member ensemble leaves ``2 / (M + 1)`` outside; more means it is too narrow.
+    """
+    f, M = _rank_frequencies(hist, rank_dim)
+    return (f.isel({rank_dim: 0}) + f.isel({rank_dim: M})).drop_vars(rank_dim, errors="ignore").rename("outside_fraction")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,14 +48,40 @@ def build_unet(num_variables: int, num_static: int, patch_size: int, preset: str
     return UNet2DModel(**kwargs)
 
 
+# The cosine schedule (T = 1000) ends in a degenerate stretch: alpha_bar falls from 3.7e-3 at t = 959 to 2e-9 at
+# t = 999 (the beta cap of 0.999), where an eps-prediction model's x0 estimate divides its error by 5e-5 and blows up.
+# The schedule therefore stops at t = 959 (1 / sqrt(alpha_bar) = 16): the first 960 betas of the T = 1000 cosine
+# schedule, saved explicitly (`trained_betas`), so every diffusers sampler built from the config with `from_config`
+# starts at a safe noise level whatever its timestep spacing. A model trained on T = 1000 (the shipped ones) sees
+# exactly the timesteps and noise levels it was trained on; the pure-noise start differs from the t = 999 one by a
+# signal fraction of sqrt(3.7e-3) = 6%, less than `leading` spacing already dropped (t = 950 for 20 steps).
+NUM_TRAIN_TIMESTEPS = 960
+
+
+def training_betas(num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[float]:
+    """The first ``num_train_timesteps`` betas of the T = 1000 cosine schedule (Nichol & Dhariwal 2021)."""
+    from diffusers.schedulers.scheduling_ddpm import betas_for_alpha_bar
+
+    if not 0 < num_train_timesteps <= 1000:
+        raise ValueError(f"num_train_timesteps must be in 1..1000, got {num_train_timesteps}.")
+    return [float(b) for b in betas_for_alpha_bar(1000, alpha_transform_type="cosine")[:num_train_timesteps]]
+
+
 def default_scheduler(**overrides) -> DDPMScheduler:
-    """The paper's training schedule: T=1000, cosine betas, eps-prediction, and no sample clipping
-    (diffusers clips to [-1, 1] by default, which is wrong for standardised climate data)."""
+    """The training schedule: the cosine schedule up to t = 959 (``NUM_TRAIN_TIMESTEPS``), eps-prediction, and no
+    sample clipping (diffusers clips to [-1, 1] by default, which is wrong for standardised climate data).
+
+    Every key a derived sampler needs is passed explicitly: diffusers' ``from_config`` drops keys that were left at
+    their default (``_use_default_values``) and would give another class its own defaults (another schedule,
+    ``linspace`` spacing)."""
     kwargs = dict(
-        num_train_timesteps=1000,
-        beta_schedule="squaredcos_cap_v2",
+        num_train_timesteps=NUM_TRAIN_TIMESTEPS,
+        trained_betas=training_betas(NUM_TRAIN_TIMESTEPS),
+        beta_schedule="squaredcos_cap_v2",  # informative only: trained_betas take precedence in every scheduler
         prediction_type="epsilon",
         clip_sample=False,
+        timestep_spacing="leading",
+        steps_offset=0,
     )
     kwargs.update(overrides)
     return DDPMScheduler(**kwargs)
@@ -64,10 +90,8 @@ def default_scheduler(**overrides) -> DDPMScheduler:
 def default_sampler(config=None):
     """DPM-Solver++ (2nd order) on the training schedule, the sampler chosen in benchmarks/results/samplers.md.
 
-    ``timestep_spacing="leading"`` matters: with the cosine schedule alpha_bar(999) = 2e-9, so a sampler
-    whose first step is t = 999 (``linspace``/``trailing``) divides the eps error by 5e-5 and the x0 estimate
-    blows up; ``leading`` starts at t = 900 for 10 steps (alpha_bar 0.024, still essentially pure noise).
-    ``diffusers``' ``from_config`` drops DDPM's default ``leading`` and would pick ``linspace``, hence explicit.
+    ``leading`` spacing, as the shipped model's spread was calibrated with it (10 steps start at t = 864). Any other
+    spacing or sampler is safe too: the schedule ends at t = 959 (see ``NUM_TRAIN_TIMESTEPS``).
     """
     from diffusers import DPMSolverMultistepScheduler
 

@@ -171,7 +171,7 @@ def reconstruct(
     chunk_size: int = 12,
     static_fields=None,
     variable_map: Mapping[str, str] | None = None,
-    batch_size: int | None = None,
+    tiles_per_call: int | None = None,
     members: bool = True,
     stats: bool = True,
     overwrite: bool = False,
@@ -266,7 +266,7 @@ def reconstruct(
     for i, a, b in mine:
         low = low_res.isel(time=slice(a, b)).load()
         out = pipe(low, static_fields=static, num_members=num_members, num_inference_steps=num_inference_steps,
-                   generator=torch.Generator().manual_seed(seed), batch_size=batch_size, variable_map=variable_map,
+                   generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call, variable_map=variable_map,
                    member_dim=member_dim)
         region = {}
         for user in out_names:

@@ -17,11 +17,12 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline, UNet2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 
 from dpdm_diffusers import __version__
@@ -47,13 +48,52 @@ EXAMPLE_DOC_STRING = """
         ```
 """
 
-OUTPUT_TYPES = ("xarray", "np", "pt")
+OUTPUT_TYPES = ("xarray", "np", "pt", "latent")
 NAN_POLICIES = ("raise", "mask")
 OBJECTIVES = ("diffusion", "regression")
 # x0 clipping is allowed only this wide (in model-space stds; real data stays within about +-14): enough to
 # stop the blow-up of the x0 prediction at t ~ T of the cosine schedule (alpha_bar_999 = 2e-9) that
 # makes unclipped 1000-step DDPM diverge, without touching the data (benchmarks/results/samplers.md)
 MIN_CLIP_RANGE = 10.0
+
+
+# The module file every saved folder carries, so that diffusers' generic loader finds the class the way it finds any
+# Hub pipeline (`_class_name: [module, class]` in model_index.json, loaded with trust_remote_code=True). It only
+# re-exports the installed package's class: the "remote code" is one import line, and `DownscalingPipeline.from_pretrained`
+# never runs it.
+PIPELINE_MODULE = "pipeline_downscaling"
+PIPELINE_MODULE_SOURCE = '''"""Loader stub for diffusers' generic entry point; the pipeline itself comes from the installed package.
+
+    pip install dpdm-diffusers
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained("<this folder or Hub id>", trust_remote_code=True)
+
+`dpdm_diffusers.DownscalingPipeline.from_pretrained(...)` loads the same folder without running this file.
+"""
+
+from dpdm_diffusers.pipelines.pipeline_downscaling import DownscalingPipeline, DownscalingPipelineOutput  # noqa: F401
+'''
+
+
+def write_pipeline_module(folder) -> None:
+    """Make a saved folder loadable by ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``: write the
+    module stub and point ``model_index.json``'s ``_class_name`` at it."""
+    import json
+    import os
+
+    with open(os.path.join(folder, f"{PIPELINE_MODULE}.py"), "w", encoding="utf-8") as f:
+        f.write(PIPELINE_MODULE_SOURCE)
+    path = os.path.join(folder, "model_index.json")
+    with open(path, encoding="utf-8") as f:
+        index = json.load(f)
+    index["_class_name"] = [PIPELINE_MODULE, "DownscalingPipeline"]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _is_edm(scheduler) -> bool:
+    """EDM samplers precondition inputs and outputs for EDM-trained networks (sigma_data, c_skip, c_out)."""
+    return hasattr(scheduler, "precondition_inputs") and hasattr(scheduler, "precondition_outputs")
 
 
 def _key_text(value) -> str:
@@ -90,6 +130,31 @@ def noise_seed(member_seed: int, key: str) -> int:
 
     digest = hashlib.blake2b(f"{int(member_seed)}|{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # < 2**63: a valid torch seed
+
+
+class _own_class:
+    """While loading through ``DownscalingPipeline.from_pretrained``, resolve the pipeline class to ``cls`` itself
+    instead of importing the module named by ``_class_name`` (diffusers would otherwise ask for trust_remote_code).
+    Only calls for ``cls`` are redirected; other pipelines loading meanwhile resolve as before."""
+
+    def __init__(self, cls):
+        self.cls = cls
+
+    def __enter__(self):
+        import diffusers.pipelines.pipeline_utils as pipeline_utils
+
+        self.module, self.original = pipeline_utils, pipeline_utils._get_pipeline_class
+        cls, original = self.cls, self.original
+
+        def resolve(class_obj, *args, **kwargs):
+            return class_obj if class_obj is cls else original(class_obj, *args, **kwargs)
+
+        pipeline_utils._get_pipeline_class = resolve
+        return self
+
+    def __exit__(self, *exc):
+        self.module._get_pipeline_class = self.original
+        return False
 
 
 @dataclass
@@ -155,6 +220,17 @@ class DownscalingPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "regression_unet->unet"
     _optional_components = ["regression_unet"]
+    _callback_tensor_inputs = ["latents", "model_output"]
+
+    @property
+    def num_timesteps(self) -> int:
+        """Scheduler timesteps of the last call (Heun with 3 steps has 5; a regression model has 1)."""
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. from ``callback_on_step_end``) to skip the remaining steps."""
+        return getattr(self, "_interrupt", False)
 
     def __init__(
         self,
@@ -241,14 +317,21 @@ class DownscalingPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "DownscalingPipeline":
         """Load a saved pipeline (folder or Hub id). Weights load from safetensors only; the folder's model
-        card (``README.md``) is kept in ``pipe.model_card`` so that ``save_pretrained`` keeps the lineage."""
+        card (``README.md``) is kept in ``pipe.model_card`` so that ``save_pretrained`` keeps the lineage.
+
+        The folder's module stub (for ``DiffusionPipeline.from_pretrained(..., trust_remote_code=True)``) is never
+        run here: this class is the class, so no remote code is needed or executed."""
         import os
 
         if kwargs.get("use_safetensors") is False:
             raise ValueError("dpdm-diffusers loads weights from safetensors only (use_safetensors=False is refused).")
+        if kwargs.pop("trust_remote_code", False) or kwargs.get("custom_pipeline") is not None:
+            raise ValueError("DownscalingPipeline.from_pretrained runs no code from the folder (trust_remote_code and "
+                             "custom_pipeline are refused); it needs none.")
         kwargs["use_safetensors"] = True
         cls._check_untrusted_config(pretrained_model_name_or_path, kwargs)
-        pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        with _own_class(cls):
+            pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         path = str(pretrained_model_name_or_path)
         card = os.path.join(path, "README.md")
         if os.path.isdir(path):
@@ -328,6 +411,7 @@ class DownscalingPipeline(DiffusionPipeline):
             raise ValueError("dpdm-diffusers saves weights as safetensors only (safe_serialization=False would write "
                              "pickle files, which its loader refuses).")
         super().save_pretrained(save_directory, safe_serialization=True, variant=variant, push_to_hub=False)
+        write_pipeline_module(save_directory)
         with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as f:
             f.write(self._card())
         if push_to_hub:
@@ -337,8 +421,19 @@ class DownscalingPipeline(DiffusionPipeline):
     def _card(self, repo_id: str | None = None) -> str:
         from dpdm_diffusers.model_card import PLACEHOLDER_ID, render_model_card
 
-        card = self.model_card or render_model_card(dict(self.config), repo_id=repo_id, pipe=self)
+        card = self.model_card or self._folder_card() or render_model_card(dict(self.config), repo_id=repo_id, pipe=self)
         return card.replace(f'from_pretrained("{PLACEHOLDER_ID}")', f'from_pretrained("{repo_id}")') if repo_id else card
+
+    def _folder_card(self) -> str | None:
+        """The README.md of the folder this pipeline was loaded from (diffusers' generic loader does not keep it)."""
+        import os
+
+        folder = str(getattr(self, "name_or_path", "") or "")
+        card = os.path.join(folder, "README.md")
+        if folder and os.path.isdir(folder) and os.path.isfile(card):
+            with open(card, encoding="utf-8") as f:
+                return f.read()
+        return None
 
     def push_to_hub(
         self,
@@ -744,13 +839,17 @@ class DownscalingPipeline(DiffusionPipeline):
         num_inference_steps: int = 20,
         generator: torch.Generator | list[torch.Generator] | None = None,
         eta: float = 0.0,
-        batch_size: int | None = None,
+        tiles_per_call: int | None = None,
         tile_overlap: int | None = None,
         nan_policy: str = "raise",
         member_dim: str = "member",
         output_type: str | None = None,
         return_dict: bool = True,
         variable_map: Mapping[str, str] | None = None,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        batch_size: int | None = None,
     ):
         r"""
         Downscale ``low_res`` into ``num_members`` high-resolution ensemble members.
@@ -781,8 +880,10 @@ class DownscalingPipeline(DiffusionPipeline):
                 keyed by the sample's coordinate values (e.g. its time stamp), so a record split into chunks, processes
                 or resumed runs gives the same members. A list gives one generator per member.
             eta (`float`, defaults to 0.0): DDIM's eta (ignored by schedulers without it).
-            batch_size (`int`, *optional*): tiles (over all members and batch entries) per UNet call; by default
-                16 on CPU and 256 on a GPU (`speed.default_tiles_per_call`).
+            tiles_per_call (`int`, *optional*): tiles (over all members and batch entries) per UNet call, a memory /
+                speed knob that never changes the result; by default 16 on CPU and 256 on a GPU
+                (`speed.default_tiles_per_call`; on one H100, 33 members x 13 fields took 31.4 s with 16 and 3.4 s
+                with 256). The number of samples is ``num_members`` x the input's batch entries.
             tile_overlap (`int`, *optional*): minimum tile overlap in pixels (default: a quarter patch).
             nan_policy (`str`, defaults to ``"raise"``): ``"raise"`` refuses NaN in ``low_res``; ``"mask"``
                 fills NaN for the network and returns NaN wherever the interpolated input is undefined.
@@ -795,11 +896,26 @@ class DownscalingPipeline(DiffusionPipeline):
                 it may is your call; fine-tune on your data to adapt the model). Output keeps your names. Units must
                 be set on every variable; compatible units (``degC`` for ``K``) are converted, output is in the
                 model's units.
+            latents (`torch.Tensor`, *optional*): the initial noise in model space, ``(num_members * batch, V, H, W)``
+                or ``(num_members, batch, V, H, W)``, members major, on the canvas (the target grid, padded to at
+                least one patch: ``max(H, patch_size)``). Unscaled unit Gaussian, as diffusers' ``prepare_latents``
+                takes it; replaces the generator's noise (members are then those of your latents).
+            callback_on_step_end (`Callable`, `PipelineCallback` or `MultiPipelineCallbacks`, *optional*): called as
+                ``callback_on_step_end(pipe, step, timestep, callback_kwargs)`` after every denoising step with
+                the tensors named in ``callback_on_step_end_tensor_inputs``; a returned ``{"latents": ...}`` replaces
+                the running latents (model space, rows member-major). Set ``pipe._interrupt = True`` to stop early.
+            callback_on_step_end_tensor_inputs (`Sequence[str]`, defaults to ``("latents",)``): tensors passed to the
+                callback, from ``pipe._callback_tensor_inputs`` (``latents``, ``model_output``).
+            batch_size (`int`, *optional*): deprecated name of ``tiles_per_call`` (in diffusers ``batch_size``
+                counts samples; here it never did: use ``num_members`` for more samples).
 
         Examples:
 
         Returns:
-            [`DownscalingPipelineOutput`] or `tuple` ``(members, mean, std)`` in physical units.
+            [`DownscalingPipelineOutput`] or `tuple` ``(members, mean, std)`` in physical units. With
+            ``output_type="latent"``: the final model-space latents ``(num_members, batch, V, H, W)`` as ``members``
+            (a torch tensor on the target grid, before de-normalisation and the interpolated input are added
+            back), their mean and std.
         """
         # 1. Check arguments
         for name, value in (("num_members", num_members), ("num_inference_steps", num_inference_steps)):
@@ -809,12 +925,30 @@ class DownscalingPipeline(DiffusionPipeline):
             raise ValueError(f"num_members must be >= 1, got {num_members}.")
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}.")
-        if batch_size is None:
+        if batch_size is not None:
+            import warnings
+
+            if tiles_per_call is not None:
+                raise ValueError("Pass tiles_per_call only (batch_size is its deprecated name).")
+            warnings.warn("`batch_size` is deprecated: it counts tiles per UNet call, not samples. Use "
+                          "tiles_per_call= (and num_members= for more samples).", FutureWarning, stacklevel=2)
+            tiles_per_call = batch_size
+        if tiles_per_call is None:
             from dpdm_diffusers.speed import default_tiles_per_call
 
-            batch_size = default_tiles_per_call(self._execution_device)
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+            tiles_per_call = default_tiles_per_call(self._execution_device)
+        if isinstance(tiles_per_call, bool) or not isinstance(tiles_per_call, (int, np.integer)) or tiles_per_call < 1:
+            raise ValueError(f"tiles_per_call must be a positive integer, got {tiles_per_call!r}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs {unknown} are not among {self._callback_tensor_inputs}.")
+        if _is_edm(self.scheduler):
+            raise ValueError(
+                f"{type(self.scheduler).__name__} preconditions inputs and outputs for EDM-trained networks (sigma_data, "
+                "c_skip, c_out); this model is a DDPM eps-prediction network, so its samples would be meaningless. Use "
+                "e.g. EulerDiscreteScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True).")
         if nan_policy not in NAN_POLICIES:
             raise ValueError(f"Unknown nan_policy {nan_policy!r}; expected one of {NAN_POLICIES}.")
         if output_type is not None and output_type not in OUTPUT_TYPES:
@@ -881,8 +1015,16 @@ class DownscalingPipeline(DiffusionPipeline):
         num_vars = self.unet.config.out_channels
         self._check_memory(len(seeds) * num_batch, 2 * num_vars + norm.num_static, canvas_h, canvas_w, device)
         row_gens = [torch.Generator().manual_seed(noise_seed(s, key)) for s in seeds for key in prep.meta["sample_keys"]]
-        num_rows = len(row_gens)
-        latents = torch.cat([torch.randn((1, num_vars, canvas_h, canvas_w), generator=g) for g in row_gens])
+        if latents is None:
+            latents = torch.cat([torch.randn((1, num_vars, canvas_h, canvas_w), generator=g) for g in row_gens])
+        else:
+            expected = (num_members * num_batch, num_vars, canvas_h, canvas_w)
+            if tuple(latents.shape) == (num_members, num_batch, num_vars, canvas_h, canvas_w):
+                latents = latents.reshape(expected)
+            if tuple(latents.shape) != expected:
+                raise ValueError(f"latents must have shape {expected} (members x batch, variables, canvas) or "
+                                 f"{(num_members, num_batch, num_vars, canvas_h, canvas_w)}, got {tuple(latents.shape)}.")
+            latents = latents.detach().float().cpu()[: len(seeds) * num_batch]
         regression = cfg.objective == "regression"
         if regression:  # deterministic baseline: a single pass on zero noise at t = 0
             latents = torch.zeros_like(latents)
@@ -895,14 +1037,15 @@ class DownscalingPipeline(DiffusionPipeline):
             if alphas is not None and float(alphas[int(timesteps[0])]) < 1e-6 and not getattr(sched_cfg, "clip_sample", False):
                 logger.warning(
                     "The sampler starts at t=%d where alpha_bar=%.1e: its x0 estimate divides the eps error by %.0e and "
-                    "can blow up. Use timestep_spacing='leading' (modeling.default_sampler) or a wide clip_sample_range.",
+                    "can blow up. Build samplers from the model's own config (Cls.from_config(pipe.scheduler.config)), whose "
+                    "schedule ends at t=959 (modeling.NUM_TRAIN_TIMESTEPS), or use a wide clip_sample_range.",
                     int(timesteps[0]), float(alphas[int(timesteps[0])]), float(alphas[int(timesteps[0])]) ** 0.5,
                 )
         latents = latents.to(device)
         extra_step_kwargs = self._extra_step_kwargs(row_gens, eta)
 
         # 6. Two-stage models: the regression UNet's mean, once per batch entry (one pass at t = 0)
-        fused = dict(tiler=tiler, cond_tiles=cond_tiles, num_batch=num_batch, batch_size=batch_size,
+        fused = dict(tiler=tiler, cond_tiles=cond_tiles, num_batch=num_batch, batch_size=tiles_per_call,
                      autocast_dtype=self.autocast_dtype)
         regression_mean = None
         if self.regression_unet is not None and not regression:
@@ -911,21 +1054,41 @@ class DownscalingPipeline(DiffusionPipeline):
 
         # 7. Denoising loop: all tiles of all rows through the UNet in batches, fused on the canvas at every
         #    step, then one scheduler.step for the whole canvas (multistep solvers keep one history)
-        with self.progress_bar(total=len(timesteps)) as progress_bar:
-            for t in timesteps:
+        #    The bar counts inference steps: second-order samplers (Heun, KDPM2) take `order` timesteps per step.
+        self._num_timesteps, self._interrupt = len(timesteps), False
+        order = 1 if regression else getattr(self.scheduler, "order", 1)
+        num_steps = 1 if regression else num_inference_steps
+        num_warmup_steps = len(timesteps) - num_steps * order
+        with self.progress_bar(total=num_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
                 model_in = latents if regression else self.scheduler.scale_model_input(latents, t)
                 model_output = self._fused_unet(self.unet, model_in, t, **fused)
                 if regression:
                     latents = model_output
                 else:
                     latents = self.scheduler.step(model_output, t, latents, **extra_step_kwargs).prev_sample
-                progress_bar.update()
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, "model_output": model_output}
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
+                    latents = callback_outputs.pop("latents", latents)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % order == 0):
+                    progress_bar.update()
         if regression_mean is not None:  # sample = mean + stochastic_std * generated residual
             scale = torch.tensor(cfg.stochastic_std, device=device, dtype=latents.dtype).view(1, -1, 1, 1)
             latents = regression_mean.repeat(len(seeds), 1, 1, 1) + scale * latents
 
         # 8. Back to physical units on the target grid
         latents = latents[..., :height, :width].float().cpu()
+        if output_type == "latent":
+            self.maybe_free_model_hooks()
+            lat = latents.reshape(len(seeds), num_batch, num_vars, height, width).expand(num_members, -1, -1, -1, -1)
+            lat = lat.contiguous()
+            std = lat.std(0, unbiased=True) if num_members > 1 else torch.zeros_like(lat[0])
+            out = (lat, lat.mean(0), std)
+            return DownscalingPipelineOutput(*out) if return_dict else out
         lerp_norm_rows = lerp_norm.repeat(len(seeds), 1, 1, 1)
         members = norm.from_model_space(latents, lerp_norm_rows)
         members = members.reshape(len(seeds), num_batch, num_vars, height, width)

@@ -269,6 +269,29 @@ def test_rank_histogram_ties_broken_randomly_and_nan_skipped():
     assert int(M.rank_histogram(ens, y_nan).sum()) == y.size - 40 * 10
 
 
+def test_rank_histogram_flatness_reliability_index_and_outside_fraction():
+    flat = np.full(11, 100)
+    assert float(M.reliability_index(flat)) == 0.0  # the ideal value
+    assert float(M.outside_fraction(flat)) == pytest.approx(2 / 11)
+    u_shape = np.array([300, 60, 40, 30, 20, 20, 20, 30, 40, 60, 300])  # under-dispersive
+    dome = np.array([20, 40, 80, 120, 150, 160, 150, 120, 80, 40, 20])  # over-dispersive
+    assert float(M.reliability_index(u_shape)) > float(M.reliability_index(dome)) > 0.0
+    assert float(M.outside_fraction(u_shape)) > 2 / 11 > float(M.outside_fraction(dome))
+    # hand value: one bin holds everything -> 2 M / (M + 1); independent of the sample size
+    one = np.zeros(5, dtype=int)
+    one[2] = 7
+    assert float(M.reliability_index(one)) == pytest.approx(2 * 4 / 5)
+    assert float(M.reliability_index(u_shape * 1000)) == pytest.approx(float(M.reliability_index(u_shape)))
+    # from rank_histogram: exchangeable ensemble near 0, narrow one clearly worse; extra dims are kept
+    ens, y = _exchangeable(n_members=9, shape=(8, 25, 25))
+    narrow, y2 = _exchangeable(n_members=9, shape=(8, 25, 25), spread=0.3)
+    ri, ri_narrow = float(M.reliability_index(M.rank_histogram(ens, y))), float(M.reliability_index(M.rank_histogram(narrow, y2)))
+    assert ri < 0.1 < 0.5 < ri_narrow
+    per_time = M.reliability_index(M.rank_histogram(ens, y, dims=("lat", "lon")))
+    assert per_time.dims == (y.dims[0],) and per_time.sizes[y.dims[0]] == 8
+    assert np.isnan(float(M.reliability_index(np.zeros(4))))  # an empty histogram has no flatness
+
+
 # ---------------------------------------------------------------------------------------------------
 # Power spectrum
 # ---------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def test_shipped_model_downscales_the_real_test_month_in_two_steps():
     truth, low = bench.split("test")
     low = low.isel(member=[0]).rename(member="realization")
     out = pipe(low, static_fields=bench.static, num_members=2, num_inference_steps=2,
-               generator=torch.Generator().manual_seed(0), batch_size=32)
+               generator=torch.Generator().manual_seed(0), tiles_per_call=32)
     m = out.members[VARIABLE]
     assert m.shape == (2, 1, 1, 144, 192) and np.isfinite(m.values).all()
     # a trained model stays in the physical range of surface temperature

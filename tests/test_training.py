@@ -63,7 +63,7 @@ def test_few_step_training_ends_in_a_loadable_pipeline_with_a_card(high_res_file
     assert summary["global_step"] == 4 and summary["val_rmse_lerp"] > 0 and np.isfinite(summary["val_rmse_mean"])
     assert [s for s, _ in list_checkpoints(out)] == [4]  # total limit 1 keeps the newest only
     pipe.scheduler.set_timesteps(10)  # the saved sampler never starts at t = 999 (alpha_bar 2e-9: x0 blows up)
-    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and int(pipe.scheduler.timesteps[0]) == 900
+    assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and int(pipe.scheduler.timesteps[0]) <= 959
     pipe.set_progress_bar_config(disable=True)
     low = xr.open_dataset(high_res_file).coarsen(lat=4, lon=4).mean().isel(time=[0])
     res = pipe(low, num_members=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
