@@ -45,6 +45,8 @@ def downscale(
     stats: bool = typer.Option(True, "--stats/--no-stats", help="Write the ensemble mean and spread (<var>_mean, <var>_std)."),
     tiles_per_call: Optional[int] = typer.Option(None, "--tiles-per-call", "--batch-size", min=1,
                                                  help="Tiles per UNet call, a speed/memory knob (default: 16 on CPU, 256 on a GPU); --batch-size is its old name."),
+    conserve: bool = typer.Option(False, "--conserve/--no-conserve",
+                                  help="Make every member coarsen back to the input exactly (inputs that are block means of the target)."),
     static: Optional[Path] = typer.Option(None, exists=True, help="Static fields file, any regular grid (default: packaged)."),
     variable: list[str] = typer.Option([], "--variable", help="Your variable name = the model's, e.g. air_temperature=surface_temperature."),
     static_map: list[str] = typer.Option([], "--static-map", help="Variable name in the --static file = channel, e.g. orog=topography."),
@@ -107,7 +109,7 @@ def downscale(
             static_fields = {k: sf[k] for k in sf.data_vars}
         res = reconstruct(pipe, ds, output, num_members=members, num_inference_steps=steps, seed=seed, chunk_size=chunk_size,
                           static_fields=static_fields, variable_map=mapping, tiles_per_call=tiles_per_call, members=write_members,
-                          stats=stats, overwrite=overwrite, progress=not quiet, model_id=model)
+                          stats=stats, overwrite=overwrite, progress=not quiet, model_id=model, conserve=conserve)
     except (KeyError, ValueError, FileExistsError, PermissionError) as err:  # bad input: the message, not a traceback
         raise typer.BadParameter(str(err).strip("'\"")) from None
     if state.is_main_process:
@@ -120,13 +122,15 @@ def evaluate(
     model: str = typer.Option(str(DEFAULT_MODEL), help="Pipeline folder or Hub id."),
     benchmark: str = typer.Option("glosea4-ts-x4", help="Benchmark name (glosea4-ts-x4)."),
     members: str = typer.Option("1,10", help="Ensemble sizes to score, e.g. 1,10,33."),
-    baselines: str = typer.Option("lerp,bicubic,regression", help="lerp, bicubic, regression."),
+    baselines: str = typer.Option("lerp,bicubic,lerp_lapse,bicubic_lapse,regression",
+                                  help="lerp, bicubic, lerp_lapse, bicubic_lapse (+ 6.5 K/km lapse rate), regression."),
     regression_model: str = typer.Option(str(DEFAULT_REGRESSION), help="Deterministic baseline (folder or Hub id)."),
     scheduler: str = typer.Option("dpmsolver++", help="Sampler."),
     steps: int = typer.Option(10, min=1, help="Denoising steps."),
     seed: int = typer.Option(0),
     max_fields: Optional[int] = typer.Option(None, help="Score only the first N test realizations (quick runs)."),
     out_dir: Path = typer.Option(Path("outputs/evaluation"), help="Folder for the markdown, JSON and PNG files."),
+    conservation: bool = typer.Option(True, "--conservation/--no-conservation", help="Also score every row made to coarsen back to the input."),
 ):
     """Table 1 of the paper (RMSE/ACC/SSIM/PSNR) plus CRPS and spread-skill, per region, with figures."""
     from dpdm_diffusers.evaluation import evaluate_glosea4, write_report
@@ -134,14 +138,18 @@ def evaluate(
     if benchmark != "glosea4-ts-x4":
         raise typer.BadParameter(f"unknown benchmark {benchmark!r}; available: glosea4-ts-x4")
     base = [b.strip() for b in baselines.split(",") if b.strip()]
-    unknown = sorted(set(base) - {"lerp", "bicubic", "regression"})
+    from dpdm_diffusers.evaluation import BASELINES
+
+    allowed = {*BASELINES, "regression"}
+    unknown = sorted(set(base) - allowed)
     if unknown:
-        raise typer.BadParameter(f"unknown baselines {unknown}; use lerp, bicubic, regression")
+        raise typer.BadParameter(f"unknown baselines {unknown}; use {', '.join(sorted(allowed))}")
     # a regression baseline that is neither a local folder nor a Hub id (owner/name) is skipped
     looks_like_hub_id = regression_model.count("/") == 1 and not regression_model.startswith((".", "/"))
     reg = regression_model if "regression" in base and (Path(regression_model).exists() or looks_like_hub_id) else None
-    result = evaluate_glosea4(model, members=_ints(members), baselines=base, regression_model=reg,
-                              scheduler=scheduler, num_inference_steps=steps, seed=seed, max_fields=max_fields)
+    result = evaluate_glosea4(model, members=_ints(members), baselines=[b for b in base if b != "regression"],
+                              regression_model=reg, scheduler=scheduler, num_inference_steps=steps, seed=seed,
+                              max_fields=max_fields, conservation=conservation)
     figs = write_report(result, out_dir, command="dpdm " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     typer.echo(result.markdown)
     typer.echo(f"\nwrote {out_dir}/quality_glosea4.md, .json and figures: {', '.join(figs.values())}")

@@ -56,6 +56,22 @@ def base_model_reference(path_or_id: str, base=None) -> tuple[str | None, str]:
     return None, f"the local model `{name}` (no Hub id recorded; a model gets one when it is pushed with `push_to_hub`)"
 
 
+def model_index(model_name: str, scores: Mapping[str, float], dataset_name: str = "validation split",
+                dataset_type: str = "custom", dataset_split: str = "validation") -> list[dict]:
+    """``model-index`` front matter (the Hub's evaluation-results format) for ``scores`` (metric name -> value),
+    built by huggingface_hub's ``EvalResult``/``ModelCardData`` so the Hub parses it. Metric names such as
+    ``"RMSE 10-member mean (K)"`` are kept as names; their type is the part before the first space, lower-cased."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    results = [EvalResult(task_type="image-to-image", task_name="Downscaling", dataset_type=dataset_type,
+                          dataset_name=dataset_name, dataset_split=dataset_split, metric_type=name.split()[0].lower(),
+                          metric_name=name, metric_value=round(float(value), 4))
+               for name, value in scores.items() if value == value]  # NaN scores are left out
+    if not results:
+        return []
+    return ModelCardData(model_name=model_name, eval_results=results).to_dict()["model-index"]
+
+
 def render_model_card(
     config: Mapping[str, Any],
     *,
@@ -68,11 +84,14 @@ def render_model_card(
     sections: Mapping[str, str] | None = None,
     repo_id: str | None = None,
     pipe=None,
+    eval_results: Mapping[str, float] | None = None,
+    eval_dataset: Mapping[str, str] | None = None,
 ) -> str:
     """Render a model card (Markdown with Hub front matter) for a pipeline ``config``.
 
     ``base_model`` (a Hub id) goes into the front matter; ``base_text`` says what the base is in words.
-    With ``pipe`` the card lists the UNets' architecture as read off the weights.
+    With ``pipe`` the card lists the UNets' architecture as read off the weights. ``eval_results`` (metric name ->
+    value) become the front matter's ``model-index``, which the Hub shows as the model's scores.
     """
     meta: dict[str, Any] = {"library_name": "diffusers", "license": license, "tags": list(DEFAULT_TAGS)}
     if datasets:
@@ -80,6 +99,8 @@ def render_model_card(
     if base_model:
         meta["base_model"] = base_model
     meta["pipeline_tag"] = "image-to-image"
+    if eval_results:
+        meta["model-index"] = model_index(title, eval_results, **(eval_dataset or {}))
     load_id = repo_id or config.get("hub_id") or PLACEHOLDER_ID
     usage = f"""```python
 import torch
@@ -90,6 +111,14 @@ out = pipe(low_res,                      # xr.Dataset with {list(config['variabl
            num_members=10, num_inference_steps=20,
            generator=torch.Generator().manual_seed(0))
 out.mean, out.std, out.members           # xarray on the x{config['scale_factor']} grid
+```
+
+diffusers' generic entry point loads it too; the folder's `pipeline_downscaling.py` only imports the installed
+package's class, hence `trust_remote_code=True`:
+
+```python
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained("{load_id}", trust_remote_code=True)
 ```"""
     parts = [
         "---\n" + yaml.safe_dump(meta, sort_keys=False).strip() + "\n---",

@@ -84,7 +84,7 @@ def _model_fingerprint(pipe) -> str:
 
 
 def run_settings(pipe, low_res: xr.Dataset, *, num_members, num_inference_steps, seed, chunk_size, members, stats,
-                 variable_map, model_id) -> dict:
+                 variable_map, model_id, conserve=False) -> dict:
     """Everything that determines the output's values and layout (compared on resume)."""
     times = low_res["time"].values if "time" in low_res.dims else np.array([0])
     return {
@@ -96,6 +96,7 @@ def run_settings(pipe, low_res: xr.Dataset, *, num_members, num_inference_steps,
         "variable_map": dict(variable_map or {}), "variables": sorted(map(str, low_res.data_vars)),
         "time_steps": int(len(times)), "time_first": str(times[0]), "time_last": str(times[-1]),
         "grid": [int(low_res.sizes["lat"]), int(low_res.sizes["lon"])],
+        **({"conserve": True} if conserve else {}),  # only when set: stores written before the option still resume
     }
 
 
@@ -178,6 +179,7 @@ def reconstruct(
     progress: bool = True,
     model_id: str | None = None,
     member_dim: str = "member",
+    conserve: bool = False,
 ) -> ReconstructionResult:
     """Downscale ``low_res`` (lazy is fine: one chunk is loaded at a time) into ``output`` (``.zarr`` or ``.nc``).
 
@@ -216,7 +218,8 @@ def reconstruct(
     grid = Grid.from_xarray(low_res).refine(pipe.config.scale_factor)
     model_id = model_id or str(getattr(pipe, "name_or_path", "") or "")
     settings = run_settings(pipe, low_res, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
-                            chunk_size=chunk_size, members=members, stats=stats, variable_map=variable_map, model_id=model_id)
+                            chunk_size=chunk_size, members=members, stats=stats, variable_map=variable_map, model_id=model_id,
+                            conserve=conserve)
     settings = json.loads(json.dumps(settings, default=str))  # compared with the stored JSON: same types (lists, str)
     store = partial_path(output)
     chunks = _chunks(low_res.sizes["time"], chunk_size)
@@ -267,7 +270,7 @@ def reconstruct(
         low = low_res.isel(time=slice(a, b)).load()
         out = pipe(low, static_fields=static, num_members=num_members, num_inference_steps=num_inference_steps,
                    generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call, variable_map=variable_map,
-                   member_dim=member_dim)
+                   member_dim=member_dim, conserve=conserve)
         region = {}
         for user in out_names:
             m = out.members[user].transpose(member_dim, "time", "lat", "lon")

@@ -723,6 +723,22 @@ class DownscalingPipeline(DiffusionPipeline):
                     f"model was trained on (mean {cfg.norm_mean[i]:.4g}, std {cfg.norm_std[i]:.4g} {u if t == 'identity' else f'({t})'}). "
                     "Wrong units or corrupt values?")
 
+    def _conserve(self, members: torch.Tensor, prep: _Prepared) -> torch.Tensor:
+        """Members ``(M, B, V, H, W)`` whose block means equal the low-res input (see ``conserve`` in ``__call__``)."""
+        from dpdm_diffusers.conservation import conserve
+
+        s = self.config.scale_factor
+        refined = prep.src.refine(s)
+        if refined.shape != prep.dst.shape or not (np.allclose(refined.lat, prep.dst.lat) and np.allclose(refined.lon, prep.dst.lon)):
+            raise ValueError("conserve=True needs the default target grid (the low-res grid refined by scale_factor): "
+                             "only then is each coarse cell the block mean of its fine cells.")
+        low = torch.from_numpy(prep.values)
+        out = members.clone()
+        for i, t in enumerate(self.config.transforms):
+            method = "additive" if t == "identity" else "multiplicative"
+            out[:, :, i] = conserve(members[:, :, i : i + 1], low[:, i : i + 1], s, method=method)[:, :, 0]
+        return out
+
     @staticmethod
     def _member_seeds(generator, num_members: int) -> list[int]:
         """One seed per member, drawn one at a time so member k never depends on ``num_members``."""
@@ -846,6 +862,7 @@ class DownscalingPipeline(DiffusionPipeline):
         output_type: str | None = None,
         return_dict: bool = True,
         variable_map: Mapping[str, str] | None = None,
+        conserve: bool = False,
         latents: torch.Tensor | None = None,
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
@@ -896,6 +913,12 @@ class DownscalingPipeline(DiffusionPipeline):
                 it may is your call; fine-tune on your data to adapt the model). Output keeps your names. Units must
                 be set on every variable; compatible units (``degC`` for ``K``) are converted, output is in the
                 model's units.
+            conserve (`bool`, defaults to False): for inputs that are block means of the target (each coarse cell the
+                mean of its ``scale_factor`` x ``scale_factor`` fine cells, as `data.coarsen` makes them), add to
+                every member the difference between the input and the member's own block means, so that each member
+                coarsens back to the input exactly: the L2 projection onto fields consistent with the input
+                (`dpdm_diffusers.conservation`). Additive for ``identity`` variables, multiplicative for ``log1p``
+                (non-negative) ones. Needs the default target grid (the low-res grid refined).
             latents (`torch.Tensor`, *optional*): the initial noise in model space, ``(num_members * batch, V, H, W)``
                 or ``(num_members, batch, V, H, W)``, members major, on the canvas (the target grid, padded to at
                 least one patch: ``max(H, patch_size)``). Unscaled unit Gaussian, as diffusers' ``prepare_latents``
@@ -1097,6 +1120,8 @@ class DownscalingPipeline(DiffusionPipeline):
         if not bool((torch.isfinite(members) | expected_gaps).all()):  # e.g. NaN weights: never an unexplained NaN
             raise FloatingPointError("The model produced non-finite values (NaN or inf weights, or a diverging sampler); "
                                      "nothing is returned.")
+        if conserve:
+            members = self._conserve(members, prep)
         if invalid is not None:
             members = members.masked_fill(torch.from_numpy(invalid)[None], float("nan"))
         self.maybe_free_model_hooks()
@@ -1108,7 +1133,7 @@ class DownscalingPipeline(DiffusionPipeline):
                 "scheduler": "none" if regression else type(self.scheduler).__name__,
                 "num_inference_steps": 1 if regression else num_inference_steps,
                 "num_members": num_members, "model": str(getattr(self, "name_or_path", "") or ""),
-                "scale_factor": cfg.scale_factor, "patch_size": patch,
+                "scale_factor": cfg.scale_factor, "patch_size": patch, "conserve": int(conserve),
             }
             out = self._to_xarray(members.numpy(), prep, member_dim, info)
         else:

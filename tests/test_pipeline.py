@@ -661,3 +661,37 @@ def test_a_dateline_region_in_minus180_180_works_and_a_huge_call_is_refused_with
     monkeypatch.setattr(psutil, "virtual_memory", lambda: type("vm", (), {"available": 2**20})())
     with pytest.raises(MemoryError, match=r"needs about .* GiB .* but 0.0 GiB are free"):
         run(pipe, make_low_res(), make_static(Grid.from_xarray(make_low_res()).refine(4)), num_members=50)
+
+
+# --- conservation ----------------------------------------------------------------------------------
+def test_conserve_makes_every_member_coarsen_back_to_the_input(pipe, low_res, static):
+    from dpdm_diffusers.conservation import block_mean
+
+    plain = run(pipe, low_res, static, num_members=3).members.tas
+    kept = run(pipe, low_res, static, num_members=3, conserve=True)
+    members = kept.members.tas
+    coarse = block_mean(members.values, 4)  # (member, time, lat, lon) -> coarse grid
+    assert np.abs(coarse - low_res.tas.values[None]).max() < 1e-3  # float32 at 280 K
+    assert np.abs(block_mean(plain.values, 4) - low_res.tas.values[None]).max() > 0.05  # it was not so before
+    # the correction is constant over each 4 x 4 block: fine-scale structure is the model's
+    diff = (members - plain).values
+    assert np.abs(diff - np.repeat(np.repeat(block_mean(diff, 4), 4, -2), 4, -1)).max() < 1e-3
+    assert kept.members.attrs["dpdm_conserve"] == 1
+
+
+def test_conserve_needs_the_refined_grid_and_is_multiplicative_for_log1p(low_res, static):
+    from dpdm_diffusers.conservation import block_mean
+
+    pipe = make_pipeline()
+    target = Grid.from_xarray(low_res).refine(4)
+    shifted = Grid(target.lat + 0.1, target.lon)
+    with pytest.raises(ValueError, match="default target grid"):
+        run(pipe, low_res, make_static(shifted), target_grid=shifted, conserve=True)
+    rain = make_pipeline(variables=("pr",), units=["mm/day"], transforms=["log1p"])
+    rain.register_to_config(norm_mean=[1.0], norm_std=[1.0])
+    rain.normalizer = type(rain.normalizer).from_config(dict(rain.config))
+    low = make_low_res(variables=("pr",), units=["mm/day"])
+    low["pr"] = np.abs(low["pr"] - 280.0).assign_attrs(units="mm/day")
+    out = rain(low, static_fields=static, num_inference_steps=2, num_members=2, conserve=True,
+               generator=torch.Generator().manual_seed(0)).members.pr
+    assert float(out.min()) >= 0 and np.abs(block_mean(out.values, 4) - low.pr.values[None]).max() < 1e-3

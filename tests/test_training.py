@@ -61,6 +61,12 @@ def test_few_step_training_ends_in_a_loadable_pipeline_with_a_card(high_res_file
     assert card.startswith("---") and "library_name: diffusers" in card and "steps: 4" in card
     summary = json.loads((out / "training_summary.json").read_text())
     assert summary["global_step"] == 4 and summary["val_rmse_lerp"] > 0 and np.isfinite(summary["val_rmse_mean"])
+    # the Hub reads the validation scores from the card's model-index; both ways of loading are shown
+    from huggingface_hub import ModelCard
+
+    results = {r.metric_name: r.metric_value for r in ModelCard(card).data.eval_results}
+    assert results["RMSE ensemble mean"] == pytest.approx(summary["val_rmse_mean"], abs=1e-4)
+    assert "trust_remote_code=True" in card and "DownscalingPipeline.from_pretrained" in card
     assert [s for s, _ in list_checkpoints(out)] == [4]  # total limit 1 keeps the newest only
     pipe.scheduler.set_timesteps(10)  # the saved sampler never starts at t = 999 (alpha_bar 2e-9: x0 blows up)
     assert type(pipe.scheduler).__name__ == "DPMSolverMultistepScheduler" and int(pipe.scheduler.timesteps[0]) <= 959

@@ -510,7 +510,20 @@ def training_card(cfg, pipe, *, data_info, fields, global_step, num_processes, w
             + f" on the validation split ({calibration['num_members']} members): CRPS {calibration['crps_uncalibrated']:.4f} -> "
             f"{calibration['crps']:.4f}, spread-skill {calibration['ssr_uncalibrated']:.2f} -> {calibration['ssr']:.2f}.")
     return render_model_card(dict(pipe.config), title=cfg.model_card_title, base_model=base_id, base_text=base_text,
-                             repo_id=cfg.hub_model_id, summary=summary, sections=sections, pipe=pipe)
+                             repo_id=cfg.hub_model_id, summary=summary, sections=sections, pipe=pipe,
+                             eval_results=_card_scores(validation, calibration),
+                             eval_dataset={"dataset_name": f"{', '.join(map(str, pipe.config.variables))} validation split",
+                                           "dataset_type": "custom", "dataset_split": "validation"})
+
+
+def _card_scores(validation: dict, calibration: dict | None) -> dict:
+    """The validation scores a card's ``model-index`` shows, with names a reader of the Hub page understands."""
+    names = {"val_rmse_mean": "RMSE ensemble mean", "val_rmse_member0": "RMSE one member", "val_rmse_lerp": "RMSE interpolation"}
+    scores = {label: validation[k] for k, label in names.items() if k in validation}
+    if calibration:
+        scores["CRPS ensemble"] = calibration["crps"]
+        scores["SSR spread-skill"] = calibration["ssr"]
+    return scores
 
 
 # ----------------------------------------------------------------------------------------------
