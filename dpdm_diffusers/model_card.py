@@ -72,6 +72,16 @@ def model_index(model_name: str, scores: Mapping[str, float], dataset_name: str 
     return ModelCardData(model_name=model_name, eval_results=results).to_dict()["model-index"]
 
 
+def set_model_index(card: str, model_name: str, scores: Mapping[str, float], **dataset: str) -> str:
+    """``card`` with its front matter's ``model-index`` replaced by ``scores`` (see :func:`model_index`)."""
+    if not card.startswith("---\n"):
+        raise ValueError("The card has no YAML front matter.")
+    head, body = card[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(head) or {}
+    meta["model-index"] = model_index(model_name, scores, **dataset)
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False).strip() + "\n---\n" + body
+
+
 def render_model_card(
     config: Mapping[str, Any],
     *,

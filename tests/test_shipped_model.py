@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -62,3 +63,19 @@ def test_demo_runs_end_to_end(tmp_path):
                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| Lerp |" in res.stdout and (tmp_path / "demo.nc").exists() and (tmp_path / "demo.png").stat().st_size > 10000
+
+
+def test_card_model_index_holds_the_recorded_benchmark_scores():
+    """The Hub shows the card's model-index: it must be the quality benchmark's numbers (benchmarks/card_scores.py)."""
+    import importlib.util
+
+    from huggingface_hub import ModelCard
+
+    spec = importlib.util.spec_from_file_location("card_scores", ROOT / "benchmarks" / "card_scores.py")
+    card_scores = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(card_scores)
+    expected = card_scores.card_scores(json.loads((ROOT / "benchmarks/results/quality_glosea4.json").read_text()))
+    assert len(expected) >= 8
+    for path in card_scores.CARDS:
+        results = {r.metric_name: r.metric_value for r in ModelCard.load(path).data.eval_results}
+        assert results == {k: round(v, 4) for k, v in expected.items()}
