@@ -294,20 +294,6 @@ def test_schedule_ends_where_every_sampler_can_start():
     assert int(sched.timesteps[0]) == 959 and float(out.pred_original_sample.std()) < 5
 
 
-@pytest.mark.slow
-def test_full_ddpm_reference_does_not_blow_up_at_t_max(low_res, static):
-    from dpdm_diffusers.modeling import NUM_TRAIN_TIMESTEPS
-
-    pipe = make_pipeline()
-    low = low_res.isel(time=[0])
-    out = run(pipe, low, static, num_inference_steps=NUM_TRAIN_TIMESTEPS).members.tas
-    from dpdm_diffusers.grids import interpolate
-
-    lerp = interpolate(low.tas.values, Grid.from_xarray(low), Grid.from_xarray(low).refine(4))
-    # model space is (x - lerp) / 5 K; before the schedule ended at t = 959 the first step alone gave > 1000 K
-    assert np.isfinite(out.values).all() and float(np.abs(out.values - lerp).max()) < 10 * 5.0
-
-
 # --- save / load / hub -----------------------------------------------------------------------------
 def test_save_pretrained_round_trip_is_identical_and_safetensors_only(pipe, low_res, static, tmp_path):
     pipe.save_pretrained(tmp_path)

@@ -70,3 +70,23 @@ def test_every_compatible_scheduler_gives_finite_output_in_the_data_range(shippe
         pipe.scheduler = original
         diffusers_logging.set_verbosity(level)
     assert len(set(checked)) >= 12 and refused == ["EDMEulerScheduler"]
+
+
+@pytest.mark.slow
+def test_full_length_ddpm_reference_stays_in_range_without_clipping(shipped):
+    """All 960 steps of ancestral DDPM, unclipped: before the schedule ended at t = 959 its first step alone (t = 999,
+    alpha_bar 2e-9) gave thousands of kelvin; the reference then needed x0 clipping."""
+    from diffusers import DDPMScheduler
+
+    from dpdm_diffusers.modeling import NUM_TRAIN_TIMESTEPS
+
+    pipe, low = shipped
+    original = pipe.scheduler
+    try:
+        pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        assert not pipe.scheduler.config.clip_sample
+        out = pipe(low, num_inference_steps=NUM_TRAIN_TIMESTEPS, generator=torch.Generator().manual_seed(0))
+    finally:
+        pipe.scheduler = original
+    v, x = out.members.surface_temperature.values, low.surface_temperature.values
+    assert np.isfinite(v).all() and float(x.min()) - 30 < v.min() and v.max() < float(x.max()) + 30
