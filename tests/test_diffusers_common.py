@@ -304,18 +304,11 @@ def test_progress_bar_counts_inference_steps():
 
 # --- device-only features ------------------------------------------------------------------------
 @requires_accelerator
-def test_model_cpu_offload_forward_pass():
+@pytest.mark.parametrize("enable", ["enable_model_cpu_offload", "enable_sequential_cpu_offload"])
+def test_cpu_offload_forward_pass(enable):
     pipe = make_pipeline()
     ref = pipe(**get_dummy_inputs()).members
-    pipe.enable_model_cpu_offload()
-    assert max_diff(pipe(**get_dummy_inputs()).members, ref) < 1e-3
-
-
-@requires_accelerator
-def test_sequential_cpu_offload_forward_pass():
-    pipe = make_pipeline()
-    ref = pipe(**get_dummy_inputs()).members
-    pipe.enable_sequential_cpu_offload()
+    getattr(pipe, enable)()
     assert max_diff(pipe(**get_dummy_inputs()).members, ref) < 1e-3
 
 
