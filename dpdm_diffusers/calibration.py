@@ -40,6 +40,7 @@ def calibrate_spread(
     factors: Sequence[float] = DEFAULT_FACTORS,
     member_dim: str = "member",
     target: str = "ssr",
+    target_ssr: float = 1.0,
 ) -> dict:
     """Find the factor for ``pipe.config.stochastic_std`` that minimises the fair CRPS on ``truth``
     (``target="crps"``), or that brings the spread-skill ratio closest to 1 (``target="ssr"``).
@@ -54,6 +55,9 @@ def calibrate_spread(
         low_res, static_fields: inputs as for the pipeline call (xarray with lat/lon and batch dims).
         truth: the high-res truth (xarray with the model's variables) on the pipeline's output grid.
         factors: candidate multipliers of the current ``stochastic_std``.
+        target_ssr: the spread-skill ratio aimed at with ``target="ssr"``. 1 on held-out data; another value
+            carries a calibration measured elsewhere to data the model was trained on
+            (:func:`transfer_spread`).
 
     Returns a dict with ``factor``, the new ``stochastic_std``, and ``crps``/``ssr`` per factor (``curve``).
     The pipeline is not changed: apply with ``pipe.register_to_config(stochastic_std=result["stochastic_std"])``.
@@ -87,9 +91,11 @@ def calibrate_spread(
     if target == "crps":
         best = min(curve, key=lambda r: r["crps"])
     else:
-        best = min(curve, key=lambda r: abs(np.log(r["ssr"])) if r["ssr"] > 0 else np.inf)
+        if not target_ssr > 0:
+            raise ValueError(f"target_ssr must be positive, got {target_ssr}.")
+        best = min(curve, key=lambda r: abs(np.log(r["ssr"] / target_ssr)) if r["ssr"] > 0 else np.inf)
     one = min(curve, key=lambda r: abs(r["factor"] - 1.0))
-    if best["factor"] in (min(factors), max(factors)):
+    if len(factors) > 1 and best["factor"] in (min(factors), max(factors)):
         import warnings
 
         warnings.warn(f"The best spread factor {best['factor']} is at the edge of the searched range; widen `factors`.")
@@ -97,5 +103,29 @@ def calibrate_spread(
         "factor": best["factor"],
         "stochastic_std": [float(s) * best["factor"] for s in cfg.stochastic_std],
         "crps": best["crps"], "ssr": best["ssr"], "crps_uncalibrated": one["crps"], "ssr_uncalibrated": one["ssr"],
-        "num_members": num_members, "num_inference_steps": num_inference_steps, "target": target, "curve": curve,
+        "num_members": num_members, "num_inference_steps": num_inference_steps, "target": target,
+        "target_ssr": target_ssr if target == "ssr" else None, "curve": curve,
     }
+
+
+def transfer_spread(pipe_a, a_in_sample, pipe_b, b_in_sample, **kwargs) -> dict:
+    """Calibrate a refit model B on data it was trained on, borrowing the in-sample spread-skill of model A.
+
+    The recipe for a refit that keeps no held-out data: model A (the same recipe on fewer months) was calibrated
+    on held-out data (spread-skill 1 there). On its own *training* data A's spread-skill then reads ``s``, usually
+    not 1: in-sample, the regression stage errs less and the diffusion stage has learnt how little it errs.
+    B is scaled so that its spread-skill on its own training data is the same ``s``. Pick months in the same
+    relation to each model's held-out month (e.g. each model's last training month).
+
+    Args:
+        pipe_a: model A, its ``stochastic_std`` already calibrated on held-out data.
+        a_in_sample, b_in_sample: ``(low_res, truth, static_fields)`` from each model's training data.
+        kwargs: passed to :func:`calibrate_spread` (``num_members``, ``num_inference_steps``, ``seed``, ...).
+
+    Returns :func:`calibrate_spread`'s dict for B, plus ``reference_ssr`` (A's in-sample spread-skill).
+    """
+    low_a, truth_a, static_a = a_in_sample
+    ref = calibrate_spread(pipe_a, low_a, truth_a, static_fields=static_a, factors=(1.0,), target="ssr", **kwargs)
+    low_b, truth_b, static_b = b_in_sample
+    res = calibrate_spread(pipe_b, low_b, truth_b, static_fields=static_b, target="ssr", target_ssr=ref["ssr"], **kwargs)
+    return {**res, "reference_ssr": ref["ssr"], "reference_crps": ref["crps"]}

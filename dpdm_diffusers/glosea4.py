@@ -44,6 +44,7 @@ __all__ = [
     "load_glosea4",
     "GloSea4Benchmark",
     "load_glosea4_benchmark",
+    "save_glosea4_netcdf",
     "lerp_rmse",
 ]
 
@@ -154,8 +155,50 @@ class GloSea4Benchmark(PairedData):
         return regrid(self.split(split)[1], self.grid, method=method)
 
 
+NETCDF_ENV = "DPDM_GLOSEA4_NETCDF"
+
+
+def save_glosea4_netcdf(path: str | os.PathLike) -> Path:
+    """Write the benchmark (144 x 192 truth of all six months and its static fields) to one netCDF file.
+
+    The copy is for machines without iris, pvlib or the mask package (e.g. a GPU node): point
+    :func:`load_glosea4_benchmark` (``path=``) or the environment variable ``DPDM_GLOSEA4_NETCDF`` at it.
+    Loading it gives the same arrays as the packaged source (tested)."""
+    bench = load_glosea4_benchmark(static=True)
+    ds = bench.high_res.copy()
+    for name, da in bench.static.data_vars.items():
+        ds[name] = da.assign_coords(lat=ds["lat"], lon=ds["lon"])
+    ds.attrs.update({"dpdm_benchmark": NAME, "comment": "high-res truth; the low-res input is its 4 x 4 block mean"})
+    path = Path(path)
+    ds.to_netcdf(path, engine="h5netcdf")
+    return path
+
+
+def _benchmark_from_netcdf(path: Path, static: bool) -> GloSea4Benchmark:
+    with xr.open_dataset(path, engine="h5netcdf") as f:
+        ds = f.load()
+    if ds.attrs.get("dpdm_benchmark") != NAME or VARIABLE not in ds:
+        raise ValueError(f"{path} is not a {NAME} copy written by save_glosea4_netcdf.")
+    high = ds[[VARIABLE]]
+    high.attrs = {k: v for k, v in ds.attrs.items() if k == "source"}
+    static_ds = None
+    if static:
+        names = [n for n in ("topography", "land_sea_mask") if n in ds]
+        if len(names) < 2:
+            raise ValueError(f"{path} holds no static fields; write it with save_glosea4_netcdf.")
+        static_ds = ds[names]
+    return GloSea4Benchmark(high_res=high, low_res=coarsen(high, SCALE_FACTOR), scale_factor=SCALE_FACTOR,
+                            static=static_ds)
+
+
 def load_glosea4_benchmark(path: str | os.PathLike | None = None, *, static: bool = True) -> GloSea4Benchmark:
-    """Build ``glosea4-ts-x4`` (see the module docstring); ``static=False`` skips the static fields."""
+    """Build ``glosea4-ts-x4`` (see the module docstring); ``static=False`` skips the static fields.
+
+    ``path`` (or ``$DPDM_GLOSEA4_NETCDF``) may name a netCDF copy from :func:`save_glosea4_netcdf`
+    instead of the folder of ``.pp`` files."""
+    path = path if path is not None else os.environ.get(NETCDF_ENV) or None
+    if path is not None and Path(path).is_file():
+        return _benchmark_from_netcdf(Path(path), static)
     full = load_glosea4(path)
     lat = full["lat"].values
     if lat.size != 145 or not np.isclose(lat[-1], 90.0):

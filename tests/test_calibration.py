@@ -60,3 +60,24 @@ def test_calibration_targets_spread_skill_one_or_the_lowest_crps(low_res, static
     assert by_ssr["target"] == "ssr" and by_crps["target"] == "crps"
     with pytest.raises(ValueError, match="calibration target"):
         calibrate_spread(pipe, low_res, truth, target="mae", **kw)
+
+
+def test_a_spread_skill_target_and_its_transfer_to_a_refit_model(low_res, static):
+    """transfer_spread: B is scaled to A's in-sample spread-skill (for a refit that keeps no held-out data)."""
+    from dpdm_diffusers.calibration import transfer_spread
+
+    a, b = two_stage(), two_stage()
+    b.register_to_config(stochastic_std=[0.2])  # B's spread measured on training batches: too narrow
+    center = a.regression_pipeline()(low_res, static_fields=static).mean.tas
+    sample = a(low_res, static_fields=static, num_inference_steps=2, generator=torch.Generator().manual_seed(5)).members.tas[0]
+    truth = (center + 1.5 * (sample - center)).rename("tas").to_dataset()
+    kw = dict(num_members=6, num_inference_steps=2)
+    half = calibrate_spread(a, low_res, truth, static_fields=static, target_ssr=0.5, **kw)
+    assert abs(np.log(half["ssr"] / 0.5)) == pytest.approx(min(abs(np.log(r["ssr"] / 0.5)) for r in half["curve"]))
+    res = transfer_spread(a, (low_res, truth, static), b, (low_res, truth, static), **kw)
+    ref = calibrate_spread(a, low_res, truth, static_fields=static, factors=(1.0,), **kw)
+    assert res["reference_ssr"] == pytest.approx(ref["ssr"]) and res["target_ssr"] == pytest.approx(ref["ssr"])
+    assert abs(np.log(res["ssr"] / ref["ssr"])) == pytest.approx(min(abs(np.log(r["ssr"] / ref["ssr"])) for r in res["curve"]))
+    assert res["factor"] > 1.5  # B's narrow spread is widened towards A's in-sample spread-skill
+    with pytest.raises(ValueError, match="target_ssr"):
+        calibrate_spread(a, low_res, truth, static_fields=static, target_ssr=0, **kw)

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import xarray as xr
 
 pytest.importorskip("iris", reason="needs the data extra: pip install 'dpdm-diffusers[data]'")
 pytest.importorskip("iris_sample_data", reason="needs the data extra: pip install 'dpdm-diffusers[data]'")
@@ -56,3 +57,31 @@ def test_training_statistics_exclude_the_test_month(bench):
     np.testing.assert_allclose(stats["norm_mean"][0], float(h["surface_temperature"].astype("f8").mean()), rtol=1e-9)
     assert abs(stats["norm_mean"][0] - float(ht["surface_temperature"].mean())) > 0.1
     assert 0 < stats["residual_std"][0] < 0.2  # the block-mean residual is a small fraction of the field's spread
+
+
+def test_a_netcdf_copy_loads_the_same_benchmark_without_iris(tmp_path, monkeypatch):
+    """GPU nodes without iris/pvlib read the benchmark from one file (save_glosea4_netcdf)."""
+    path = glosea4.save_glosea4_netcdf(tmp_path / "glosea4.nc")
+    packaged = glosea4.load_glosea4_benchmark()
+    monkeypatch.setenv(glosea4.NETCDF_ENV, str(path))
+    monkeypatch.setattr(glosea4, "_read_members", None)  # the copy must not touch the .pp reader
+    copy = glosea4.load_glosea4_benchmark()
+    for a, b in ((packaged.high_res, copy.high_res), (packaged.low_res, copy.low_res), (packaged.static, copy.static)):
+        xr.testing.assert_identical(a.drop_attrs(deep=False), b.drop_attrs(deep=False))
+    other = tmp_path / "other.nc"
+    packaged.high_res.to_netcdf(other)
+    with pytest.raises(ValueError, match="not a glosea4-ts-x4 copy"):
+        glosea4.load_glosea4_benchmark(other)
+
+
+def test_training_ranges_never_reach_the_test_month():
+    from dpdm_diffusers.training.train_dpdm import TrainingConfig, glosea4_splits
+
+    cfg = TrainingConfig(dataset="glosea4-ts-x4")
+    assert glosea4_splits(cfg) == (("2011-08", "2011-11"), ("2011-12", "2011-12"))
+    refit = TrainingConfig(dataset="glosea4-ts-x4", train_time=["2011-08", "2011-12"])
+    assert glosea4_splits(refit) == (("2011-08", "2011-12"), None)  # no validation month is left
+    for bad in ({"train_time": ["2011-08", "2012-01"]}, {"train_time": ["2011-08", "2012-01-15"]},
+                {"validation_time": ["2011-12", "2012-02"]}):
+        with pytest.raises(ValueError, match="test month 2012-01"):
+            glosea4_splits(TrainingConfig(dataset="glosea4-ts-x4", **bad))

@@ -4,6 +4,7 @@ two CPU processes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -118,6 +119,23 @@ def test_two_stage_run_learns_the_regression_residual(high_res_file, tmp_path):
         main(args(high_res_file, tmp_path / "bad2", "--regression_model", str(out)))
 
 
+def test_spread_factor_scales_the_measured_spread_and_both_patch_sources_train(high_res_file, tmp_path, caplog):
+    """--spread_factor carries a held-out calibration to a refit; the CPU DataLoader path still trains."""
+    reg = main(args(high_res_file, tmp_path / "reg", "--objective", "regression"))
+    common = ("--regression_model", str(reg), "--stochastic_std_batches", "3", "--calibrate_spread", "false")
+    with caplog.at_level(logging.INFO, logger="dpdm_diffusers.training"):
+        one = main(args(high_res_file, tmp_path / "one", *common))
+        assert "patches cut on cpu (fields held there)" in caplog.text
+        two = main(args(high_res_file, tmp_path / "two", *common, "--spread_factor", "2"))
+        loader = main(args(high_res_file, tmp_path / "loader", *common, "--patches_on_device", "false"))
+        assert "patches cut by a DataLoader" in caplog.text
+    std1, std2 = (DownscalingPipeline.from_pretrained(p).config.stochastic_std for p in (one, two))
+    assert std2[0] == pytest.approx(2 * std1[0], rel=1e-6)
+    for k, w in unet_weights(one).items():  # the factor scales sampling only: the UNet learns the same thing
+        torch.testing.assert_close(unet_weights(two)[k], w)
+    assert any(not torch.equal(a, b) for a, b in zip(unet_weights(one).values(), unet_weights(loader).values()))
+
+
 def test_fine_tune_from_a_saved_model_keeps_or_recomputes_statistics(high_res_file, tmp_path):
     base = main(args(high_res_file, tmp_path / "base"))
     shifted = tmp_path / "shifted.nc"
@@ -215,8 +233,6 @@ def test_a_shared_checkpoint_cannot_run_code_on_resume(high_res_file, tmp_path):
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(high_res_file, tmp_path, caplog):
-    import logging
-
     run = tmp_path / "run"
     main(args(high_res_file, run, "--validation_time=", "--stop_after_steps", "4", "--checkpointing_steps", "2",
               "--checkpoints_total_limit", "2", "--max_train_steps", "6"))

@@ -77,6 +77,9 @@ class TrainingConfig:
     # UNet learns what it misses, divided by its RMS (stochastic_std, from `stochastic_std_batches` batches)
     regression_model: str | None = None
     stochastic_std_batches: positive = 32
+    # multiplies the stochastic_std the members are sampled with (not the scale the UNet learns), e.g. a factor
+    # calibrated on held-out data by a run of the same recipe (for a refit that keeps no validation split)
+    spread_factor: Annotated[float, Field(gt=0)] = 1.0
     # after training, scale stochastic_std on the validation split (dpdm_diffusers.calibration) to `calibration_target`;
     # default (None): on for two-stage models whenever there is a validation split
     calibrate_spread: bool | None = None
@@ -104,6 +107,10 @@ class TrainingConfig:
     ema_warmup: bool = True  # decay grows as 1 - (1 + step)^-3/4 up to ema_decay, so early weights fade fast
     seed: int = 0
     dataloader_num_workers: non_negative = 0
+    # cut patches on the training device (fields held there, a batch per gather) instead of a CPU DataLoader;
+    # default (None): whenever the fields are in memory and take at most a quarter of the device's free memory
+    patches_on_device: bool | None = None
+    logging_steps: positive = 10  # loss/lr logged every N steps: reading the loss waits for the GPU
     # checkpoints, validation, logging -----------------------------------------------------------
     output_dir: str = "runs/dpdm"
     checkpointing_steps: non_negative = 250
@@ -241,7 +248,9 @@ def resolve_options(cfg: TrainingConfig) -> tuple[TrainingConfig, str | None]:
         problems.append("--regression_model is the mean of a two-stage diffusion model; it needs --objective diffusion")
     if cfg.regression_model and cfg.recompute_statistics:
         problems.append("--regression_model fixes the statistics (the regression model's); fine-tune it first to change them")
-    has_validation = bool(cfg.validation_time or cfg.validation_lat_box or cfg.validation_lon_box or cfg.dataset == "glosea4-ts-x4")
+    has_validation = bool(cfg.validation_time or cfg.validation_lat_box or cfg.validation_lon_box)
+    if cfg.dataset == "glosea4-ts-x4":
+        has_validation = has_validation or glosea4_splits(cfg)[1] is not None
     two_stage = cfg.objective == "diffusion" and (kind == "two-stage" or cfg.regression_model is not None)
     if cfg.calibrate_spread and not two_stage:
         problems.append("--calibrate_spread scales a two-stage model's stochastic_std; this run trains no two-stage model")
@@ -261,6 +270,29 @@ def resolve_options(cfg: TrainingConfig) -> tuple[TrainingConfig, str | None]:
 # ----------------------------------------------------------------------------------------------
 # data
 # ----------------------------------------------------------------------------------------------
+def glosea4_splits(cfg: TrainingConfig) -> tuple[tuple[str, str], tuple[str, str] | None]:
+    """Train and validation month ranges of the benchmark: its own splits unless ``train_time`` /
+    ``validation_time`` say otherwise (e.g. a refit on training + validation months once the settings
+    are fixed). Refuses any range that reaches the test month."""
+    import pandas as pd
+
+    from dpdm_diffusers import glosea4
+
+    train = tuple(cfg.train_time) if cfg.train_time else glosea4.SPLITS["train"]
+    if cfg.validation_time:
+        val = tuple(cfg.validation_time)
+    elif cfg.train_time and str(train[1]) >= glosea4.SPLITS["validation"][0]:
+        val = None  # the validation month is trained on: no validation split is left
+    else:
+        val = glosea4.SPLITS["validation"]
+    test_start = pd.Period(glosea4.SPLITS["test"][0], "M")
+    for name, rng in (("train_time", train), ("validation_time", val)):
+        if rng is not None and (len(rng) != 2 or pd.Timestamp(rng[1]).to_period("M") >= test_start):
+            raise ValueError(f"--{name} {list(rng)} reaches the {glosea4.NAME} test month {test_start}: the test month "
+                             "is never trained or validated on.")
+    return train, val
+
+
 def load_pairs(cfg: TrainingConfig, units: dict | None = None):
     """The region's pairs, static fields and splits (:class:`dpdm_diffusers.user_data.RegionData`).
 
@@ -272,11 +304,16 @@ def load_pairs(cfg: TrainingConfig, units: dict | None = None):
         from dpdm_diffusers import glosea4
 
         bench = glosea4.load_glosea4_benchmark(static=bool(cfg.static_channels))
-        split = {k: {"time": slice(*v)} for k, v in glosea4.SPLITS.items()}
+        train_rng, val_rng = glosea4_splits(cfg)
+        split = {"train": {"time": slice(*train_rng)}, "validation": None if val_rng is None else {"time": slice(*val_rng)}}
+        n_fields = {k: 0 if v is None else bench.high_res.sel(**v).sizes["time"] * bench.high_res.sizes["member"]
+                    for k, v in split.items()}
         describe = {
             "source": "GloSea4 surface_temperature, 13 members x 6 months (iris-sample-data, Open Government Licence)",
             "benchmark": f"{glosea4.NAME} (DATA.md): 144x192 N96 truth, 4x4 block-mean low-res 36x48",
-            "train": "2011-08 .. 2011-11 (52 fields)", "validation": "2011-12 (13 fields)", "test": "2012-01 (13 fields)",
+            "train": f"{train_rng[0]} .. {train_rng[1]} ({n_fields['train']} fields)",
+            "validation": "none" if val_rng is None else f"{val_rng[0]} .. {val_rng[1]} ({n_fields['validation']} fields)",
+            "test": "2012-01 (13 fields, never trained or validated on)",
             "static fields": "topography (pvlib Altitude.h5) and land fraction (global-land-mask), area-averaged",
         }
         static = bench.static[cfg.static_channels] if bench.static is not None else None
@@ -411,6 +448,18 @@ def check_checkpoint_readable(path: Path, process_index: int) -> None:
         load(rng)
     except Exception as err:
         raise ValueError(f"Checkpoint {path} has an unreadable or unsafe {rng.name} ({type(err).__name__}: {err}).") from err
+
+
+def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel on CUDA (the benchmarks' bare loop uses the same call)."""
+    fused = torch.device(device).type == "cuda"
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
+def _synchronize(device) -> None:
+    """Wait for queued GPU work, so that wall-clock rates count what was computed, not what was queued."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def list_checkpoints(output_dir) -> list[tuple[int, Path]]:
@@ -584,6 +633,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
     from dpdm_diffusers import DownscalingPipeline, __version__
     from dpdm_diffusers.model_card import render_model_card
     from dpdm_diffusers.modeling import build_unet, default_sampler, default_scheduler
+    from dpdm_diffusers.device_patches import fits_on_device
     from dpdm_diffusers.samples import RandomPatchDataset, normalize_fields
     from dpdm_diffusers.transforms import Normalizer
     from dpdm_diffusers.user_data import validation_inputs
@@ -654,6 +704,9 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
                 reg_unet, dataset, cfg.stochastic_std_batches, cfg.train_batch_size, accelerator.device)
         logger.info("two-stage model: the diffusion UNet learns the regression residual / %s", stochastic_std)
         stochastic_scale = torch.tensor(stochastic_std, device=accelerator.device).view(1, -1, 1, 1)
+        if cfg.spread_factor != 1.0:  # the sampling scale only: the UNet still learns residuals of unit scale
+            stochastic_std = [s * cfg.spread_factor for s in stochastic_std]
+            logger.info("spread factor %s: members are sampled with stochastic_std %s", cfg.spread_factor, stochastic_std)
 
     # 2. Model, EMA, optimiser
     if base is not None:
@@ -664,8 +717,9 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
     noise_scheduler = default_scheduler()
     ema = None
     if cfg.use_ema:
+        # foreach: one fused update of all parameters instead of a kernel per tensor (hundreds of launches a step)
         ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=cfg.ema_warmup, inv_gamma=1.0,
-                       power=3 / 4, model_cls=UNet2DModel, model_config=unet.config)
+                       power=3 / 4, foreach=True, model_cls=UNet2DModel, model_config=unet.config)
 
     def save_model_hook(models, weights, out):
         noise_rng.save(out, accelerator.process_index)  # every process: its own noise stream
@@ -698,7 +752,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.adam_weight_decay)
+    optimizer = make_optimizer(unet.parameters(), cfg.learning_rate, cfg.adam_weight_decay, accelerator.device)
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.train_batch_size, shuffle=False, num_workers=cfg.dataloader_num_workers,
         drop_last=True,
@@ -712,6 +766,16 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
     if ema is not None:
         ema.to(accelerator.device)
     noise_rng = NoiseRNG(cfg.seed * 1000 + accelerator.process_index, accelerator.device)  # saved by the hooks above
+    on_device = cfg.patches_on_device
+    if on_device is None:
+        on_device = fits_on_device(dataset.fields, accelerator.device)
+    sampler = None
+    if on_device:
+        from dpdm_diffusers.device_patches import DevicePatchSampler
+
+        sampler = DevicePatchSampler(dataset, cfg.train_batch_size, accelerator.device, accelerator.process_index)
+    logger.info("patches cut %s", f"on {accelerator.device} (fields held there)" if sampler else
+                f"by a DataLoader ({cfg.dataloader_num_workers} workers)")
     steps_per_epoch = max(1, math.ceil(len(dataloader) / cfg.gradient_accumulation_steps))
 
     # 3. Resume
@@ -772,59 +836,82 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
     # 4. Train
     stop_at = cfg.max_train_steps if cfg.stop_after_steps is None else min(cfg.max_train_steps, global_step + cfg.stop_after_steps)
     progress = tqdm(range(cfg.max_train_steps), initial=global_step, disable=not accelerator.is_local_main_process, desc="train")
-    alphas = noise_scheduler.alphas_cumprod
-    samples_seen, t_loop, last_val, first_crops = 0, time.time(), {}, None
-    while global_step < stop_at:
-        epoch = global_step // steps_per_epoch
-        dataset.set_epoch(epoch)  # fresh random crops each epoch; resumable: crops depend on (seed, epoch, i)
-        skip = (global_step % steps_per_epoch) * cfg.gradient_accumulation_steps
-        loader = accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
-        for batch in loader:
-            with accelerator.accumulate(unet):
-                target, cond, mask = batch["target"], batch["condition"], batch["mask"].float()
-                if reg_unet is not None:  # two-stage: learn what the frozen regression mean misses
-                    with torch.no_grad():
-                        mean = regression_forward(reg_unet, target, cond)
-                    target = (target - mean.to(target.dtype)) / stochastic_scale
-                if cfg.objective == "diffusion":
-                    gen = noise_rng.generator
-                    noise = torch.randn(target.shape, generator=gen, device=gen.device).to(target.device, target.dtype)
-                    t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (target.shape[0],), generator=gen,
-                                      device=gen.device).to(target.device)
-                    noisy = noise_scheduler.add_noise(target, noise, t)
-                    pred = unet(torch.cat([noisy, cond], dim=1), t).sample
-                    goal = noise
-                else:  # deterministic baseline: zero noise, t = 0, predict the target itself
-                    pred = regression_forward(unet, target, cond)
-                    goal = target
-                # L2 over valid (unmasked) points only
-                loss = (F.mse_loss(pred.float(), goal.float(), reduction="none") * mask).sum() / mask.sum().clamp_min(1)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            samples_seen += target.shape[0] * accelerator.num_processes
-            if first_crops is None:  # which crops each process drew first: distinct data per process
-                crops = torch.stack([batch["sample"], batch["y"], batch["x"]], dim=1).to(accelerator.device)
-                first_crops = accelerator.gather(crops).view(accelerator.num_processes, -1, 3).tolist()
-            if not accelerator.sync_gradients:
-                continue
-            if ema is not None:
-                ema.step(unet.parameters())
-            global_step += 1
-            progress.update(1)
-            logs = {"loss": float(loss.detach()), "lr": lr_scheduler.get_last_lr()[0]}
+    accum = cfg.gradient_accumulation_steps
+
+    def batches():
+        if sampler is not None:  # crops of micro-step m are a function of (seed, process, m): resumable as is
+            micro = global_step * accum
+            while True:
+                yield sampler.batch(micro)
+                micro += 1
+        while True:
+            dataset.set_epoch(global_step // steps_per_epoch)  # fresh crops each epoch; crops depend on (seed, epoch, i)
+            skip = (global_step % steps_per_epoch) * accum
+            yield from accelerator.skip_first_batches(dataloader, skip) if skip else dataloader
+
+    samples_seen, last_val, first_crops = 0, {}, None
+    loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
+    # steady-state rate: from the 10th step on (after cuDNN's autotuning and the allocator's first growth)
+    start_step, warmup_steps, steady_from = global_step, 10, None
+    t_loop = t_steady = time.time()
+    for batch in batches() if global_step < stop_at else ():
+        with accelerator.accumulate(unet):
+            target, cond, mask = batch["target"], batch["condition"], batch["mask"].float()
+            if reg_unet is not None:  # two-stage: learn what the frozen regression mean misses
+                with torch.no_grad():
+                    mean = regression_forward(reg_unet, target, cond)
+                target = (target - mean.to(target.dtype)) / stochastic_scale
+            if cfg.objective == "diffusion":
+                gen = noise_rng.generator
+                noise = torch.randn(target.shape, generator=gen, device=gen.device).to(target.device, target.dtype)
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (target.shape[0],), generator=gen,
+                                  device=gen.device).to(target.device)
+                noisy = noise_scheduler.add_noise(target, noise, t)
+                pred = unet(torch.cat([noisy, cond], dim=1), t).sample
+                goal = noise
+            else:  # deterministic baseline: zero noise, t = 0, predict the target itself
+                pred = regression_forward(unet, target, cond)
+                goal = target
+            # L2 over valid (unmasked) points only
+            loss = (F.mse_loss(pred.float(), goal.float(), reduction="none") * mask).sum() / mask.sum().clamp_min(1)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        samples_seen += target.shape[0] * accelerator.num_processes
+        loss_sum += loss.detach()
+        loss_count += 1
+        if first_crops is None:  # which crops each process drew first: distinct data per process
+            crops = torch.stack([torch.as_tensor(batch[k]) for k in ("sample", "y", "x")], dim=1).to(accelerator.device)
+            first_crops = accelerator.gather(crops).view(accelerator.num_processes, -1, 3).tolist()
+        if not accelerator.sync_gradients:
+            continue
+        if ema is not None:
+            ema.step(unet.parameters())
+        global_step += 1
+        progress.update(1)
+        if global_step % cfg.logging_steps == 0 or global_step >= stop_at:
+            # reading the loss waits for the device, so it is read every logging_steps steps, not every step
+            logs = {"loss": float(loss_sum) / loss_count, "lr": lr_scheduler.get_last_lr()[0]}
+            loss_sum.zero_()
+            loss_count = 0
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
-            if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
-                save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
-            if cfg.validation_steps and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
-                last_val = run_validation(global_step)
-            if global_step >= stop_at:
-                break
+        if steady_from is None and global_step - start_step == warmup_steps:
+            _synchronize(accelerator.device)
+            t_steady, steady_from = time.time(), samples_seen
+        if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
+            save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
+        if cfg.validation_steps and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
+            last_val = run_validation(global_step)
+        if global_step >= stop_at:
+            break
+    _synchronize(accelerator.device)
     throughput = samples_seen / max(time.time() - t_loop, 1e-9)
+    steady_throughput = (throughput if steady_from is None or samples_seen == steady_from
+                         else (samples_seen - steady_from) / max(time.time() - t_steady, 1e-9))
     progress.close()
 
     # 5. Save the final pipeline (EMA weights) with its model card
@@ -869,7 +956,8 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
         pipe.model_card = card(last_val, calibration)
         pipe.save_pretrained(output_dir)
         (output_dir / "training_summary.json").write_text(json.dumps(
-            {"global_step": global_step, "train_samples_per_s": throughput, "wall_time_s": time.time() - t_start,
+            {"global_step": global_step, "train_samples_per_s": throughput,
+             "steady_train_samples_per_s": steady_throughput, "wall_time_s": time.time() - t_start,
              "num_processes": accelerator.num_processes, "first_crops_per_process": first_crops,
              "stochastic_std": stochastic_std,
              "spread_calibration": {k: v for k, v in calibration.items() if k != "curve"} if calibration else None,
