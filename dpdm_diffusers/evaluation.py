@@ -127,12 +127,16 @@ def evaluate_glosea4(
     regions: Sequence[str] = ("global", "east_asia", "gulf_coast", "northern_australia"),
     conservation: bool = True,
     progress: bool = True,
+    few_step: int | None = None,
+    few_step_spread: float = 1.0,
 ) -> EvaluationResult:
     """Score ``model`` (folder or Hub id) on the glosea4-ts-x4 test month (2012-01, 13 fields).
 
     ``baselines``: names in :data:`BASELINES`. ``conservation``: also score the rows ``... + conservation``
     (module docs). The result carries the global rank histogram of the largest ensemble (and of its
-    conserved version) when it has at least two members.
+    conserved version) when it has at least two members. ``few_step``: also sample the largest ensemble with
+    that many steps, its ``stochastic_std`` times ``few_step_spread`` (the factor calibrated for that step count
+    relative to ``num_inference_steps``, e.g. from benchmarks/samplers.py), as the rows "..., N steps".
     """
     if not members or min(members) < 1:
         raise ValueError(f"members must be positive ensemble sizes, got {list(members)}.")
@@ -182,6 +186,20 @@ def evaluate_glosea4(
         forecasts[REGRESSION] = reg(low, static_fields=static, tiles_per_call=tiles_per_call).mean[VARIABLE]
     member_labels = {member_label(n): n for n in sorted(set(members))}
     forecasts.update(ensemble_forecasts(ens, members))
+    few = None
+    if few_step:
+        if pipe.regression_unet is None and few_step_spread != 1.0:
+            raise ValueError("few_step_spread scales a two-stage model's stochastic_std; this model has none.")
+        saved = list(pipe.config.stochastic_std)
+        pipe.register_to_config(stochastic_std=[float(x) * few_step_spread for x in saved])
+        t0 = time.perf_counter()
+        try:
+            few = pipe(low, static_fields=static, num_members=max(members), num_inference_steps=few_step,
+                       generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call).members[VARIABLE]
+        finally:
+            pipe.register_to_config(stochastic_std=saved)
+        timings["few_step_pipeline_s"] = time.perf_counter() - t0
+        forecasts[few_step_label(max(members), few_step)] = few
 
     conserved = None
     conserved_labels = {}
@@ -195,6 +213,8 @@ def evaluate_glosea4(
         timings["conservation_s"] = time.perf_counter() - t0
         conserved_labels = {member_label(n, True): n for n in sorted(set(members))}
         forecasts.update(ensemble_forecasts(conserved, members, conserved=True))
+        if few is not None:
+            forecasts[few_step_label(max(members), few_step) + CONSERVED] = conserve_dataarray(few, low[VARIABLE], SCALE_FACTOR)
 
     histograms = {}  # of the largest ensemble (the pipeline ran with max(members) members)
     if max(members) > 1:
@@ -211,10 +231,16 @@ def evaluate_glosea4(
         "fields": int(y.sizes["realization"] * y.sizes["time"]), "benchmark": "glosea4-ts-x4 test month 2012-01",
         "member_labels": member_labels, "conserved_member_labels": conserved_labels,
         "baselines": [b for b in BASELINES if b in baselines], "conservation": bool(conservation),
+        "few_step": few_step, "few_step_spread": few_step_spread if few_step else None,
     }
     return EvaluationResult(table=table, markdown=md, members=ens, truth=y, lerp=lerp, timings=timings, config=config,
                             land_fraction=bench.static["land_sea_mask"] if "land_sea_mask" in bench.static else None,
                             conserved_members=conserved, rank_histograms=histograms)
+
+
+def few_step_label(n: int, steps: int) -> str:
+    """Row label of the few-step ensemble ("DPDM 33-member mean, 4 steps")."""
+    return f"{member_label(n)}, {steps} steps"
 
 
 def ensemble_forecasts(members: xr.DataArray, sizes: Sequence[int], conserved: bool = False) -> dict[str, xr.DataArray]:
@@ -244,8 +270,14 @@ def write_report(result: EvaluationResult, out_dir: str | Path, name: str = "qua
         "block-mean topography the coarse input sees); `+ conservation` = every member (or field) shifted per 4 x 4 "
         "block so that its block mean equals the low-res input, which in this benchmark is the 4 x 4 block mean of "
         "the truth, so the shift is the L2 projection onto fields consistent with the input. N-member rows score "
-        "the ensemble mean (CRPS and SSR the members).\n\n"
+        "the ensemble mean (CRPS and SSR the members)."
     )
+    if result.config.get("few_step"):
+        rows += (f" `, {result.config['few_step']} steps` = the largest ensemble sampled with "
+                 f"{result.config['few_step']} steps of the same sampler, its spread scaled by "
+                 f"{result.config['few_step_spread']:.4f} (the factor calibrated for that step count relative to "
+                 f"{result.config['num_inference_steps']} steps by benchmarks/samplers.py, never on the test month).")
+    rows += "\n\n"
     header = (
         f"# {name}\n\n{result.config['benchmark']}, {result.config['fields']} fields, global and per region; "
         f"K. Sampler `{result.config['scheduler']}` with {result.config['num_inference_steps']} steps, seed "

@@ -92,14 +92,15 @@ def test_evaluate_glosea4_rows_with_a_tiny_model(tmp_path):
 
     make_pipeline(variables=("surface_temperature",)).save_pretrained(tmp_path / "tiny")
     res = E.evaluate_glosea4(str(tmp_path / "tiny"), members=(1, 3), regression_model=str(tmp_path / "tiny"),
-                             num_inference_steps=1, max_fields=1, regions=("global",), progress=False)
+                             num_inference_steps=1, max_fields=1, regions=("global",), progress=False, few_step=2)
     methods = list(dict.fromkeys(res.table["method"]))
     assert methods == [
         "Lerp", "Bicubic", "Lerp + lapse rate", "Bicubic + lapse rate", "Regression UNet",
-        "DPDM 1 member", "DPDM 3-member mean",
+        "DPDM 1 member", "DPDM 3-member mean", "DPDM 3-member mean, 2 steps",
         "Lerp + conservation", "Lerp + lapse rate + conservation", "Regression UNet + conservation",
-        "DPDM 1 member + conservation", "DPDM 3-member mean + conservation",
+        "DPDM 1 member + conservation", "DPDM 3-member mean + conservation", "DPDM 3-member mean, 2 steps + conservation",
     ]
+    assert res.config["few_step"] == 2 and "few_step_pipeline_s" in res.timings
     score = {(r.method, r.metric): r.value for r in res.table.itertuples()}
     # the input is the block mean of the truth, so conservation can only lower the error (L2 projection)
     for row in ("Lerp", "DPDM 1 member", "DPDM 3-member mean", "Regression UNet"):
@@ -116,3 +117,6 @@ def test_evaluate_glosea4_rows_with_a_tiny_model(tmp_path):
                                max_fields=1, regions=("global",), conservation=False, progress=False)
     assert list(dict.fromkeys(plain.table["method"])) == ["Lerp", "DPDM 1 member"]
     assert plain.conserved_members is None and plain.rank_histograms == {}
+    with pytest.raises(ValueError, match="two-stage"):  # a spread factor needs a stochastic_std to scale
+        E.evaluate_glosea4(str(tmp_path / "tiny"), members=(2,), baselines=(), max_fields=1, regions=("global",),
+                           conservation=False, progress=False, few_step=1, few_step_spread=1.5)
