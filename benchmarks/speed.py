@@ -9,7 +9,7 @@
    the area, against the size of the output arrays (target: growth only by the outputs, i.e. a constant
    growth / output ratio, not one that grows with tiles x members).
 
-Sampler quality vs cost (DDPM-1000, DDIM-25, DPM-Solver++ 10/20) is in ``benchmarks/samplers.py``.
+Sampler quality vs cost (full-length DDPM, DDIM, DPM-Solver++, UniPC; calibrated few-step sampling) is in ``benchmarks/samplers.py``.
 Results go to ``benchmarks/results/speed.md`` and ``.json``.
 """
 
