@@ -13,7 +13,6 @@ Writes benchmarks/results/spread_transfer.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,12 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def month(bench, m: str, max_fields: int | None):
+    """(low_res, truth, static) of one month, members as ``realization`` (as `dpdm calibrate` reads the benchmark)."""
     from dpdm_diffusers.data import select_time
 
-    truth, low = select_time(bench.high_res, (m, m)), select_time(bench.low_res, (m, m))
-    flat = {"realization": ("member", "time")}
-    low, truth = (x.stack(**flat).transpose("realization", ...).isel(realization=slice(0, max_fields)) for x in (low, truth))
-    low, truth = (x.drop_vars(["realization", "member", "time"]) for x in (low, truth))
+    low, truth = (select_time(x, (m, m)).rename(member="realization").isel(realization=slice(0, max_fields))
+                  for x in (bench.low_res, bench.high_res))
     return low, truth, {k: bench.static[k] for k in bench.static.data_vars}
 
 
@@ -41,7 +39,7 @@ def main():
     args = ap.parse_args()
 
     from dpdm_diffusers import DownscalingPipeline
-    from dpdm_diffusers.calibration import transfer_spread
+    from dpdm_diffusers.calibration import transfer_spread, write_stochastic_std
     from dpdm_diffusers.glosea4 import load_glosea4_benchmark
     from dpdm_diffusers.io import portable_command
 
@@ -63,11 +61,7 @@ def main():
         f"- B's stochastic_std: {old[0]:.4f} -> {res['stochastic_std'][0]:.4f}" + (" (written)." if args.write else "."),
     ]
     if args.write:
-        b.register_to_config(stochastic_std=res["stochastic_std"])
-        path = Path(args.model_b) / "model_index.json"
-        index = json.loads(path.read_text())
-        index["stochastic_std"] = res["stochastic_std"]
-        path.write_text(json.dumps(index, indent=2) + "\n")
+        write_stochastic_std(args.model_b, res["stochastic_std"])
     out = ROOT / "benchmarks" / "results" / "spread_transfer.md"
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

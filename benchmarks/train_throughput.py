@@ -32,11 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 10
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def script_rate(steps: int, batch: int, precision: str, on_device: bool) -> float:
     from dpdm_diffusers.training.train_dpdm import main as train
 
@@ -50,7 +45,7 @@ def script_rate(steps: int, batch: int, precision: str, on_device: bool) -> floa
 
 def bare_rate(steps: int, batch: int, precision: str, device) -> float:
     from dpdm_diffusers.modeling import build_unet
-    from dpdm_diffusers.training.train_dpdm import make_optimizer
+    from dpdm_diffusers.training.train_dpdm import make_optimizer, synchronize
 
     unet = build_unet(1, 2, 64, "fast").to(device).train()
     opt = make_optimizer(unet.parameters(), 1e-4, 1e-2, device)
@@ -58,14 +53,14 @@ def bare_rate(steps: int, batch: int, precision: str, device) -> float:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     for i in range(WARMUP + steps):
         if i == WARMUP:
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = unet(x, t).sample.float().pow(2).mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-    _sync(device)
+    synchronize(device)
     return batch * steps / (time.perf_counter() - t0)
 
 
@@ -74,7 +69,7 @@ def data_rates(steps: int, batch: int, device) -> dict[str, float]:
     from dpdm_diffusers import glosea4
     from dpdm_diffusers.device_patches import DevicePatchSampler
     from dpdm_diffusers.samples import RandomPatchDataset, normalize_fields
-    from dpdm_diffusers.training.train_dpdm import build_statistics, load_pairs, parse_args, resolve_options
+    from dpdm_diffusers.training.train_dpdm import build_statistics, load_pairs, parse_args, resolve_options, synchronize
     from dpdm_diffusers.transforms import Normalizer
 
     cfg, _ = resolve_options(parse_args(["--config", str(ROOT / "training/configs/glosea4_ts_x4.yaml")]))
@@ -97,10 +92,10 @@ def data_rates(steps: int, batch: int, device) -> dict[str, float]:
                        ("DevicePatchSampler (fields on the device)", sampler.batch)):
         for i in range(WARMUP + steps):
             if i == WARMUP:
-                _sync(device)
+                synchronize(device)
                 t0 = time.perf_counter()
             draw(i)
-        _sync(device)
+        synchronize(device)
         rates[name] = batch * steps / (time.perf_counter() - t0)
     return rates
 

@@ -12,6 +12,9 @@ Calibrate on a validation split, never on the test data you report.
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -129,3 +132,17 @@ def transfer_spread(pipe_a, a_in_sample, pipe_b, b_in_sample, **kwargs) -> dict:
     low_b, truth_b, static_b = b_in_sample
     res = calibrate_spread(pipe_b, low_b, truth_b, static_fields=static_b, target="ssr", target_ssr=ref["ssr"], **kwargs)
     return {**res, "reference_ssr": ref["ssr"], "reference_crps": ref["crps"]}
+
+
+def write_stochastic_std(folder, stochastic_std: Sequence[float]) -> Path:
+    """Store a calibrated ``stochastic_std`` in a local pipeline folder's ``model_index.json``, atomically (the
+    folder is never left with a half-written config). Returns the file's path."""
+    index = Path(folder) / "model_index.json"
+    if not index.exists():
+        raise FileNotFoundError(f"{folder} is not a local pipeline folder (no model_index.json).")
+    cfg = json.loads(index.read_text())
+    cfg["stochastic_std"] = [float(x) for x in stochastic_std]
+    tmp = index.with_suffix(f".json.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, index)
+    return index

@@ -174,11 +174,8 @@ def calibrate(
     write: bool = typer.Option(False, help="Store the calibrated stochastic_std in the folder's model_index.json."),
 ):
     """Scale a two-stage model's spread on validation data (yours, or the benchmark's): spread-skill 1, or lowest CRPS."""
-    import json
-    import os
-
     from dpdm_diffusers import DownscalingPipeline
-    from dpdm_diffusers.calibration import calibrate_spread
+    from dpdm_diffusers.calibration import calibrate_spread, write_stochastic_std
 
     pipe = DownscalingPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
@@ -216,14 +213,10 @@ def calibrate(
                                num_members=members, num_inference_steps=steps, seed=seed, target=target)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "curve"}, indent=2))
     if write:
-        index = Path(model) / "model_index.json"
-        if not index.exists():
-            raise typer.BadParameter(f"{model} is not a local pipeline folder; --write needs one.")
-        cfg = json.loads(index.read_text())
-        cfg["stochastic_std"] = res["stochastic_std"]
-        tmp = index.with_suffix(f".json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, index)  # atomic: the folder is never left with a half-written config
+        try:
+            index = write_stochastic_std(model, res["stochastic_std"])
+        except FileNotFoundError:
+            raise typer.BadParameter(f"{model} is not a local pipeline folder; --write needs one.") from None
         typer.echo(f"wrote stochastic_std={res['stochastic_std']} to {index}")
 
 

@@ -35,7 +35,7 @@ def fits_on_device(fields, device, fraction: float = 0.25) -> bool:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return nbytes <= fraction * free
-    return True  # on the CPU the fields are in memory already; the tensors share it
+    return True  # on the CPU the NaN-free copies and masks are about twice the fields: the same order as the fields
 
 
 class DevicePatchSampler:

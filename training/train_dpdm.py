@@ -278,16 +278,19 @@ def glosea4_splits(cfg: TrainingConfig) -> tuple[tuple[str, str], tuple[str, str
 
     from dpdm_diffusers import glosea4
 
+    def month(text) -> pd.Period:
+        return pd.Timestamp(text).to_period("M")
+
     train = tuple(cfg.train_time) if cfg.train_time else glosea4.SPLITS["train"]
     if cfg.validation_time:
         val = tuple(cfg.validation_time)
-    elif cfg.train_time and str(train[1]) >= glosea4.SPLITS["validation"][0]:
+    elif cfg.train_time and month(train[-1]) >= month(glosea4.SPLITS["validation"][0]):
         val = None  # the validation month is trained on: no validation split is left
     else:
         val = glosea4.SPLITS["validation"]
-    test_start = pd.Period(glosea4.SPLITS["test"][0], "M")
+    test_start = month(glosea4.SPLITS["test"][0])
     for name, rng in (("train_time", train), ("validation_time", val)):
-        if rng is not None and (len(rng) != 2 or pd.Timestamp(rng[1]).to_period("M") >= test_start):
+        if rng is not None and (len(rng) != 2 or month(rng[1]) >= test_start):
             raise ValueError(f"--{name} {list(rng)} reaches the {glosea4.NAME} test month {test_start}: the test month "
                              "is never trained or validated on.")
     return train, val
@@ -456,7 +459,7 @@ def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.opti
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
 
 
-def _synchronize(device) -> None:
+def synchronize(device) -> None:
     """Wait for queued GPU work, so that wall-clock rates count what was computed, not what was queued."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
@@ -900,7 +903,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
         if steady_from is None and global_step - start_step == warmup_steps:
-            _synchronize(accelerator.device)
+            synchronize(accelerator.device)
             t_steady, steady_from = time.time(), samples_seen
         if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
@@ -908,7 +911,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
             last_val = run_validation(global_step)
         if global_step >= stop_at:
             break
-    _synchronize(accelerator.device)
+    synchronize(accelerator.device)
     throughput = samples_seen / max(time.time() - t_loop, 1e-9)
     steady_throughput = (throughput if steady_from is None or samples_seen == steady_from
                          else (samples_seen - steady_from) / max(time.time() - t_steady, 1e-9))
