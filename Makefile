@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_PIN ?= torch==2.13.0
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: venv install test test-slow demo lint clean
+.PHONY: venv install test test-fast test-heavy test-slow demo lint clean
 
 # uv installs the rest in parallel (44-63 s here, against about 100 s with pip) and keeps the torch
 # installed first; plain pip if uv cannot be had.
@@ -21,11 +21,23 @@ endif
 
 venv install: $(VENV)/.installed
 
+# Everything, in two steps: the default tests, then the heavy subprocess tests (README recipe, SIGKILL resume,
+# torchrun; marker `heavy`). Each step collects tests, so pytest's exit 5 (nothing collected) fails the make.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(MAKE) --no-print-directory test-fast
+	$(MAKE) --no-print-directory test-heavy
+
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not heavy" tests
+
+test-heavy: $(VENV)/.installed
+	$(PY) -m pytest -q -m heavy tests
 
 test-slow: $(VENV)/.installed
 	RUN_SLOW=1 $(PY) -m pytest -q tests
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
 
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dpdm demo

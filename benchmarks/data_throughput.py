@@ -50,8 +50,8 @@ def load_data():
     rng = np.random.default_rng(0)
     lat, lon = -90 + 1.25 * np.arange(144), 1.875 * np.arange(192)
     t = 280 + 30 * np.cos(np.deg2rad(lat))[None, None, :, None] + rng.normal(0, 2, (13, 4, 144, 192))
-    high = xr.Dataset({"surface_temperature": (("member", "time", "lat", "lon"), t.astype("f4"), {"units": "K"})},
-                      coords={"member": np.arange(13), "time": np.arange(4), "lat": lat, "lon": lon})
+    high = xr.Dataset({"surface_temperature": (("realization", "time", "lat", "lon"), t.astype("f4"), {"units": "K"})},
+                      coords={"realization": np.arange(13), "time": np.arange(4), "lat": lat, "lon": lon})
     lerp = regrid(coarsen(high, 4), Grid(lat, lon)).compute()
     static = xr.Dataset({"topography": (("lat", "lon"), rng.random((144, 192)) * 3000),
                          "land_sea_mask": (("lat", "lon"), (rng.random((144, 192)) > 0.7) * 1.0)},

@@ -19,7 +19,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.process.memory_info().rss)
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.baseline = self.peak = self.process.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -34,7 +33,7 @@ def record(n: int):
 
     bench = load_glosea4_benchmark(static=False)
     _, low = bench.split("test")
-    fields = low.surface_temperature.stack(s=("member", "time")).transpose("s", "lat", "lon").values
+    fields = low.surface_temperature.stack(s=("realization", "time")).transpose("s", "lat", "lon").values
     times = xr.date_range("1836-01-01", periods=n, freq="MS", calendar="standard", use_cftime=True)
     vals = np.stack([fields[k % len(fields)] for k in range(n)]).astype("float32")
     return xr.Dataset({"surface_temperature": (("time", "lat", "lon"), vals, {"units": "K"})},
@@ -60,8 +59,7 @@ def static_fields(low):
     from dpdm_diffusers.grids import Grid
     from dpdm_diffusers.static_fields import get_static_fields
 
-    st = get_static_fields(Grid.from_xarray(low).refine(4), ["topography", "land_sea_mask"])
-    return {k: st[k] for k in st.data_vars}
+    return get_static_fields(Grid.from_xarray(low).refine(4), ["topography", "land_sea_mask"])
 
 
 def memory_child(n: int, out: str) -> dict:

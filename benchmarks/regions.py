@@ -49,8 +49,8 @@ def scores(ens: xr.DataArray, truth: xr.DataArray, box=None) -> dict:
     from dpdm_diffusers import metrics
 
     out = {}
-    for region, box in ((("crop", None), ("gulf", GULF)) if box is None else (("box", box),)):
-        e, t = metrics.select_region(ens, box), metrics.select_region(truth, box)
+    for region, where in ((("crop", None), ("gulf", GULF)) if box is None else (("box", box),)):
+        e, t = metrics.select_region(ens, where), metrics.select_region(truth, where)
         dims = [d for d in e.dims if d != "member"]
         e, t = e.transpose(*(["member"] if "member" in e.dims else []), *dims), t.transpose(*dims)
         mean = e.mean("member") if "member" in e.dims else e
@@ -84,23 +84,26 @@ def ensemble(pipe, low, members, timings, name, **kw):
 
 def run_hadcm3(args) -> dict:
     from dpdm_diffusers import DownscalingPipeline
-    from dpdm_diffusers.cli import finetune_argv
     from dpdm_diffusers.data import coarsen, open_dataset, regrid, trim_to_multiple
     from dpdm_diffusers.grids import Grid
     from dpdm_diffusers.static_fields import get_static_fields
+    from dpdm_diffusers.training import train_dpdm
+    from dpdm_diffusers.training.config import to_argv
+    from dpdm_diffusers.training.finetune import base_objective, finetune_config
 
     e1, a1b = sample_file("E1_north_america.nc"), sample_file("A1B_north_america.nc")
     run = Path(args.run_dir) / ("hadcm3-gulf-coast" + args.run_suffix)
-    argv = finetune_argv([e1], model=args.model, output_dir=str(run), variable=["air_temperature=surface_temperature"],
-                         train_time="1860,2000", validation_time="2001,2020", steps=args.steps,
-                         regression_steps=args.regression_steps, learning_rate=args.learning_rate,
-                         extra=["--calibration_target", args.calibration_target])
+    # what `dpdm finetune` builds and runs
+    cfg = finetune_config([e1], model=args.model, output_dir=str(run),
+                          variable=["air_temperature=surface_temperature"], train_time="1860,2000",
+                          validation_time="2001,2020", steps=args.steps, regression_steps=args.regression_steps,
+                          learning_rate=args.learning_rate,
+                          calibration_target=args.calibration_target, objective=base_objective(args.model))
+    argv = to_argv(cfg)
     train_s = None
     if not args.skip_training:
-        from dpdm_diffusers.training.train_dpdm import main as train_main
-
         t0 = time.perf_counter()
-        train_main(argv)
+        train_dpdm.run(cfg)
         train_s = time.perf_counter() - t0
 
     # test data: A1B 2050-2099 on the same 36 x 48 crop, block-mean input
@@ -108,7 +111,7 @@ def run_hadcm3(args) -> dict:
     low = coarsen(truth, 4)
     grid = Grid.from_xarray(truth)
     static = get_static_fields(grid, ["topography", "land_sea_mask"])
-    kw = dict(static_fields={k: static[k] for k in static.data_vars}, num_inference_steps=args.sampler_steps,
+    kw = dict(static_fields=static, num_inference_steps=args.sampler_steps,
               variable_map={"air_temperature": "surface_temperature"})
     t, timings, rows, var = truth["air_temperature"], {}, {}, "air_temperature"
     rows["Lerp (bilinear)"] = scores(regrid(low, grid, "bilinear")[var], t)
@@ -147,10 +150,12 @@ NAUS = {"lat": (-20.0, -10.0), "lon": (120.0, 150.0)}
 
 def run_naus(args) -> dict:
     from dpdm_diffusers import DownscalingPipeline
-    from dpdm_diffusers.cli import finetune_argv
     from dpdm_diffusers.data import coarsen, regrid, select_box, trim_to_multiple
     from dpdm_diffusers.glosea4 import load_glosea4_benchmark
     from dpdm_diffusers.grids import Grid
+    from dpdm_diffusers.training import train_dpdm
+    from dpdm_diffusers.training.config import to_argv
+    from dpdm_diffusers.training.finetune import finetune_config
     from dpdm_diffusers.training.train_dpdm import main as train_main
 
     run = Path(args.run_dir)
@@ -164,25 +169,27 @@ def run_naus(args) -> dict:
         run.mkdir(parents=True, exist_ok=True)
         bench.high_res.to_netcdf(data_file)
     tuned_dir = run / "naus-finetuned"
-    argv = finetune_argv([str(data_file)], model=str(scratch), output_dir=str(tuned_dir), lat_box="-20,-10",
-                         lon_box="120,150", train_time="2011-08,2011-11", validation_time="2011-12,2011-12",
-                         steps=args.naus_steps, learning_rate=args.learning_rate, extra=["--objective", "regression"])
+    # the scratch model is a regression model (it does not exist yet for dpdm finetune to read that off)
+    cfg = finetune_config([str(data_file)], model=str(scratch), output_dir=str(tuned_dir), lat_box="-20,-10",
+                          lon_box="120,150", train_time="2011-08,2011-11", validation_time="2011-12,2011-12",
+                          steps=args.naus_steps, learning_rate=args.learning_rate, objective="regression")
+    argv = to_argv(cfg)
     wall = {}
     if not args.skip_training:
         t0 = time.perf_counter()
         train_main(scratch_argv)
         wall["scratch_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        train_main(argv)
+        train_dpdm.run(cfg)
         wall["finetune_s"] = time.perf_counter() - t0
 
     var = "surface_temperature"
-    truth_g, low_g = (x.sel(time="2012-01").rename(member="realization") for x in bench.split("test"))
-    static_g = {k: bench.static[k] for k in bench.static.data_vars}
+    truth_g, low_g = (x.sel(time="2012-01") for x in bench.split("test"))
+    static_g = bench.static
     truth = trim_to_multiple(select_box(truth_g, **NAUS), 4)
     low = coarsen(truth, 4)
     grid = Grid.from_xarray(truth)
-    static = {k: select_box(v, **NAUS).isel(lat=slice(0, grid.shape[0]), lon=slice(0, grid.shape[1])) for k, v in static_g.items()}
+    static = select_box(static_g, **NAUS).isel(lat=slice(0, grid.shape[0]), lon=slice(0, grid.shape[1]))
     box = (120.0, 150.0, truth.lat.values.min(), truth.lat.values.max())
     t, timings, rows = truth[var], {}, {}
     rows["Lerp (bilinear)"] = scores(regrid(low, grid, "bilinear")[var], t, box)

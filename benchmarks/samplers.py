@@ -39,21 +39,21 @@ BOX = {"lat": (-40, 40), "lon": (60, 180)}
 
 
 def window(bench, split: str, fields: int):
-    """(low, truth, static) of the 64 x 64 px window of one month, members renamed ``realization``."""
+    """(low, truth, static) of the 64 x 64 px window of one month, its first ``fields`` realizations."""
     from dpdm_diffusers.data import select_box
     from dpdm_diffusers.glosea4 import VARIABLE
     from dpdm_diffusers.grids import Grid
 
     truth, low = bench.split(split)
-    low = select_box(low, **BOX).isel(member=slice(0, fields)).rename(member="realization")
+    low = select_box(low, **BOX).isel(realization=slice(0, fields))
     grid = Grid.from_xarray(low).refine(4)
-    truth = truth.rename(member="realization").isel(realization=slice(0, fields))
+    truth = truth.isel(realization=slice(0, fields))
     # the window's own points, labelled with the output grid's coordinates so that xarray aligns them exactly
     truth = truth.sel(lat=grid.lat, lon=grid.lon, method="nearest")[VARIABLE]
     assert np.allclose(truth["lat"], grid.lat) and np.allclose(truth["lon"] % 360, np.asarray(grid.lon) % 360)
     truth = truth.assign_coords(lat=grid.lat, lon=grid.lon)
     static = bench.static.sel(lat=grid.lat, lon=grid.lon, method="nearest").assign_coords(lat=grid.lat, lon=grid.lon)
-    return low, truth, {k: static[k] for k in ("topography", "land_sea_mask")}
+    return low, truth, static[["topography", "land_sea_mask"]]
 
 
 class CallCounter:

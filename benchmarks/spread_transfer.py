@@ -20,12 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def month(bench, m: str, max_fields: int | None):
-    """(low_res, truth, static) of one month, members as ``realization`` (as `dpdm calibrate` reads the benchmark)."""
+    """(low_res, truth, static) of one month (as `dpdm calibrate` reads the benchmark)."""
     from dpdm_diffusers.data import select_time
 
-    low, truth = (select_time(x, (m, m)).rename(member="realization").isel(realization=slice(0, max_fields))
-                  for x in (bench.low_res, bench.high_res))
-    return low, truth, {k: bench.static[k] for k in bench.static.data_vars}
+    low, truth = (select_time(x, (m, m)).isel(realization=slice(0, max_fields)) for x in (bench.low_res, bench.high_res))
+    return low, truth, bench.static
 
 
 def main():

@@ -45,7 +45,7 @@ def script_rate(steps: int, batch: int, precision: str, on_device: bool) -> floa
 
 def bare_rate(steps: int, batch: int, precision: str, device) -> float:
     from dpdm_diffusers.modeling import build_unet
-    from dpdm_diffusers.training.train_dpdm import make_optimizer, synchronize
+    from dpdm_diffusers.training.utils import make_optimizer, synchronize
 
     unet = build_unet(1, 2, 64, "fast").to(device).train()
     opt = make_optimizer(unet.parameters(), 1e-4, 1e-2, device)
@@ -69,7 +69,9 @@ def data_rates(steps: int, batch: int, device) -> dict[str, float]:
     from dpdm_diffusers import glosea4
     from dpdm_diffusers.device_patches import DevicePatchSampler
     from dpdm_diffusers.samples import RandomPatchDataset, normalize_fields
-    from dpdm_diffusers.training.train_dpdm import build_statistics, load_pairs, parse_args, resolve_options, synchronize
+    from dpdm_diffusers.training.config import parse_args, resolve_options
+    from dpdm_diffusers.training.data import build_statistics, load_pairs
+    from dpdm_diffusers.training.utils import synchronize
     from dpdm_diffusers.transforms import Normalizer
 
     cfg, _ = resolve_options(parse_args(["--config", str(ROOT / "training/configs/glosea4_ts_x4.yaml")]))

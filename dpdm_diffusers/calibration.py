@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ def calibrate_spread(
     if len(factors) > 1 and best["factor"] in (min(factors), max(factors)):
         import warnings
 
-        warnings.warn(f"The best spread factor {best['factor']} is at the edge of the searched range; widen `factors`.")
+        warnings.warn(f"The best spread factor {best['factor']} is at the edge of the searched range; widen `factors`.",
+                      stacklevel=2)
     return {
         "factor": best["factor"],
         "stochastic_std": [float(s) * best["factor"] for s in cfg.stochastic_std],

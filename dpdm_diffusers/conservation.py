@@ -30,7 +30,7 @@ model (e.g. HadCM3 regridded) is not, and forcing its block means onto the outpu
 from __future__ import annotations
 
 import warnings
-from typing import Hashable
+from collections.abc import Hashable
 
 import numpy as np
 import torch

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import glob
 import os
-import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
 
-from .grids import Grid, LAT_NAMES, LON_NAMES, check_regular, interpolate, is_global_lon
+from .grids import LAT_NAMES, LON_NAMES, Grid, check_lat_lon, check_regular, interpolate, is_global_lon
 
 __all__ = [
     "open_dataset",
@@ -33,8 +32,6 @@ __all__ = [
     "set_lon_convention",
     "regularize",
     "select_variables",
-    "map_variables",
-    "mapping_hint",
     "parse_mapping",
     "convert_to_units",
     "select_time",
@@ -171,14 +168,9 @@ def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = 
         raise ValueError(
             f"Rotated-pole grid (dims {rotated}) is not supported: regrid to a regular lat/lon grid first."
         )
-    for name in ("lat", "latitude", "lon", "longitude", "nav_lat", "nav_lon"):
-        if name in obj.coords and obj[name].ndim > 1:
-            raise ValueError(
-                f"Curvilinear grid: coordinate `{name}` is {obj[name].ndim}-D {obj[name].dims}. "
-                "Regrid to a regular lat/lon grid first (e.g. with xESMF)."
-            )
     la = _find_dim(obj, LAT_NAMES)
     lo = _find_dim(obj, LON_NAMES)
+    check_lat_lon(obj, la, lo)  # before renaming: a 2-D `lat` beside the dims is reported by its own name
     if la is None or lo is None:
         raise ValueError(
             f"No latitude/longitude dimensions found in dims {tuple(obj.dims)}; "
@@ -199,15 +191,6 @@ def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = 
     if clash:
         obj = obj.drop_vars(clash)
     obj = obj.rename(rename)
-    for d in ("lat", "lon"):
-        if d not in obj.coords:
-            raise ValueError(f"Dimension `{d}` has no coordinate values; cannot locate the grid.")
-    lat_v = np.asarray(obj["lat"].values, dtype=np.float64)
-    if np.nanmax(np.abs(lat_v)) > 90 + 1e-6:
-        raise ValueError(
-            f"Latitude values reach {np.nanmax(np.abs(lat_v)):.4g}: this is not a lat/lon grid "
-            "(projected x/y coordinates?). Regrid to a regular lat/lon grid first."
-        )
     if lon_convention is not None:
         obj = set_lon_convention(obj, lon_convention)
     for d in ("lat", "lon"):
@@ -312,47 +295,6 @@ def parse_mapping(items) -> dict[str, str]:
         k, v = (x.strip() for x in str(item).split("=", 1))
         out[k] = v
     return out
-
-
-_CLI_FLAGS = {"variable_map": "--variable", "static_map": "--static-map"}
-
-
-def mapping_hint(missing: Sequence[str], spare: Sequence[str], option: str = "variable_map") -> str:
-    """With one missing and one unknown name, the sentence that spells out the mapping to pass (Python, CLI and
-    config forms); otherwise ``""``. Shared by the data layer, the pipeline and the CLI."""
-    if len(missing) != 1 or len(spare) != 1:
-        return ""
-    a, b = spare[0], missing[0]
-    return (f" If {a!r} is your name for {b!r}, map it: `{option}={{{a!r}: {b!r}}}` (Python), "
-            f"`{_CLI_FLAGS.get(option, '--' + option)} {a}={b}` (CLI) or `{option}: {{{a}: {b}}}` (config).")
-
-
-def map_variables(ds: xr.Dataset, expected: Sequence[str], mapping: Mapping[str, str] | None = None, *,
-                  what: str = "variables", option: str = "variable_map") -> xr.Dataset:
-    """Rename ``ds``'s variables with ``mapping`` (yours -> the model's) and keep exactly ``expected``.
-
-    When names still differ the error says which are missing, what the data holds, and the mapping to
-    pass: with one missing and one unknown name it spells it out (``--variable air_temperature=surface_temperature``
-    on the command line, ``variable_map: {air_temperature: surface_temperature}`` in a training config,
-    ``variable_map={...}`` in Python). Whether your variable may stand in for the model's is your call:
-    fine-tuning on your data adapts the model to it.
-    """
-    mapping = dict(mapping or {})
-    unknown = [k for k in mapping if k not in ds.data_vars]
-    if unknown:
-        raise KeyError(f"The {option} names {unknown}, which the data does not hold; it holds {sorted(map(str, ds.data_vars))}.")
-    ds = ds.rename(mapping) if mapping else ds
-    expected = list(expected)
-    missing = [v for v in expected if v not in ds.data_vars]
-    if missing:
-        spare = [str(v) for v in ds.data_vars if v not in expected and str(v) not in _COORD_LIKE]
-        hint = mapping_hint(missing, spare, option)
-        raise KeyError(f"The model's {what} {missing} are not in the data, which holds {sorted(map(str, ds.data_vars))}.{hint}")
-    return ds[expected]
-
-
-# variables that netCDF files carry beside the data (bounds, grid mappings) and that are never a mapping target
-_COORD_LIKE = ("latitude_longitude", "crs", "time_bnds", "lat_bnds", "lon_bnds", "time_bounds", "spatial_ref")
 
 
 def convert_to_units(ds: xr.Dataset, units: Mapping[str, str]) -> xr.Dataset:
@@ -591,11 +533,11 @@ class PairedData:
         """The low-res interpolated to the target grid (lazy), exactly as the pipeline computes it."""
         return regrid(self.low_res, self.grid, method=method)
 
-    def isel(self, **indexers) -> "PairedData":
+    def isel(self, **indexers) -> PairedData:
         """Index non-spatial dims (e.g. ``time``) of both datasets at once."""
         return PairedData(self.high_res.isel(**indexers), self.low_res.isel(**indexers), self.scale_factor)
 
-    def sel(self, **indexers) -> "PairedData":
+    def sel(self, **indexers) -> PairedData:
         """Select on non-spatial dims (e.g. ``time=slice("2016", "2021")``) of both datasets at once."""
         return PairedData(self.high_res.sel(**indexers), self.low_res.sel(**indexers), self.scale_factor)
 

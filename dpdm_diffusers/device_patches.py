@@ -47,7 +47,8 @@ class DevicePatchSampler:
         sampler = DevicePatchSampler(dataset, batch_size=64, device="cuda", process_index=rank)
         batch = sampler.batch(step)  # {"target", "condition", "mask", "sample", "y", "x"} on the device
 
-    The batch has the DataLoader's keys, shapes and dtypes: ``target`` (B, V, p, p) with 0 where invalid,
+    The batch has the DataLoader's keys, shapes and dtypes: ``target`` (B, V, p, p) with 0 where invalid
+    (missing, or outside the fields' ``loss_mask``),
     ``condition`` (B, V + S, p, p), ``mask`` (B, V, p, p) bool, ``sample``/``y``/``x`` (B,) int64.
     """
 
@@ -72,8 +73,12 @@ class DevicePatchSampler:
             return torch.as_tensor(np.ascontiguousarray(a)).to(self.device, dtype)
 
         target, lerp = fields.target, fields.lerp
-        self.mask = put(np.isfinite(target), torch.bool)
-        self.target = put(np.nan_to_num(target, nan=0.0))
+        valid = np.isfinite(target)
+        if fields.loss_mask is not None:  # e.g. a validation box: real data, never learnt from
+            valid &= fields.loss_mask
+        self.mask = put(valid, torch.bool)
+        # zero where invalid, as the DataLoader's patches: a masked value would still reach the UNet's input
+        self.target = put(np.where(valid, target, 0.0))
         self.lerp_valid = put(np.isfinite(lerp), torch.bool)
         self.lerp = put(np.nan_to_num(lerp, nan=0.0))
         self.static = put(fields.static)
@@ -104,14 +109,15 @@ class DevicePatchSampler:
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of training (micro-)step ``step`` on this process."""
         gen = self._generator(step)
-        b, p, tries = self.batch_size, self.patch_size, self.max_tries
+        b, tries = self.batch_size, self.max_tries
         sample, y0, x0 = self._draw(gen, b * tries)
         if tries > 1:  # redraw mostly-invalid patches: keep each sample's first good try, else its last
             rows = y0[:, None] + self._arange
             cols = (x0[:, None] + self._arange) % self.nx
             frac = self._gather(self.mask, sample, rows, cols).float().mean(dim=(1, 2, 3)).view(tries, b)
             good = frac >= self.min_valid_fraction
-            first = torch.where(good.any(0), good.float().argmax(0), torch.full_like(good[0], tries - 1, dtype=torch.long))
+            last = torch.full_like(good[0], tries - 1, dtype=torch.long)
+            first = torch.where(good.any(0), good.float().argmax(0), last)
             pick = first * b + torch.arange(b, device=self.device)
             sample, y0, x0 = sample[pick], y0[pick], x0[pick]
         else:

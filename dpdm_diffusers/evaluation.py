@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -64,7 +64,7 @@ def member_label(n: int, conserved: bool = False) -> str:
 
 @dataclass
 class EvaluationResult:
-    table: "object"  # pandas DataFrame from metrics.score_table
+    table: object  # pandas DataFrame from metrics.score_table
     markdown: str
     members: xr.DataArray  # (member, realization, time, lat, lon)
     truth: xr.DataArray
@@ -152,11 +152,9 @@ def evaluate_glosea4(
     bench = load_glosea4_benchmark()
     truth, low = bench.split("test")
     train_truth, _ = bench.split("train")
-    # the benchmark's own `member` (GloSea4 realisation) would clash with the ensemble dim
-    truth, low = truth.rename(member="realization"), low.rename(member="realization")
     if max_fields:
-        truth, low = truth.isel(realization=slice(0, max_fields)), low.isel(realization=slice(0, max_fields))
-    static = {k: bench.static[k] for k in bench.static.data_vars}
+        truth, low = (x.isel(realization=slice(0, max_fields)) for x in (truth, low))
+    static = bench.static
 
     pipe = DownscalingPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=not progress)
@@ -190,14 +188,10 @@ def evaluate_glosea4(
     if few_step:
         if pipe.regression_unet is None and few_step_spread != 1.0:
             raise ValueError("few_step_spread scales a two-stage model's stochastic_std; this model has none.")
-        saved = list(pipe.config.stochastic_std)
-        pipe.register_to_config(stochastic_std=[float(x) * few_step_spread for x in saved])
+        few_pipe = pipe.with_config(stochastic_std=[float(x) * few_step_spread for x in pipe.config.stochastic_std])
         t0 = time.perf_counter()
-        try:
-            few = pipe(low, static_fields=static, num_members=max(members), num_inference_steps=few_step,
+        few = few_pipe(low, static_fields=static, num_members=max(members), num_inference_steps=few_step,
                        generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call).members[VARIABLE]
-        finally:
-            pipe.register_to_config(stochastic_std=saved)
         timings["few_step_pipeline_s"] = time.perf_counter() - t0
         forecasts[few_step_label(max(members), few_step)] = few
 
@@ -222,7 +216,7 @@ def evaluate_glosea4(
             if ensemble is not None:
                 histograms[f"DPDM {max(members)} members{suffix}"] = rank_histogram_summary(ensemble, y, seed=seed)
 
-    clim = train_truth[VARIABLE].mean(("member", "time"))
+    clim = train_truth[VARIABLE].mean(("realization", "time"))
     table = metrics.score_table(y, forecasts, regions=regions, climatology=clim)
     md = metrics.to_markdown(table, units={VARIABLE: "K"})
     config = {

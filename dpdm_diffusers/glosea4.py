@@ -11,9 +11,11 @@ One job: load the benchmark exactly as DATA.md defines it.
 * Splits by month: train = 2011-08 .. 2011-11 (52 fields), validation = 2011-12 (13), test = 2012-01 (13).
 * Static fields: topography and land fraction on the 144 x 192 grid (:func:`get_static_fields`).
 
-Data are returned as ``xr.Dataset`` with dims ``(member, time, lat, lon)``: ``member`` is the file
-number (0..13 without 6), ``time`` the middle of each monthly mean. Training code flattens
-``member x time`` into samples (:func:`dpdm_diffusers.samples.normalize_fields` does).
+Data are returned as ``xr.Dataset`` with dims ``(realization, time, lat, lon)``: ``realization`` (CF
+standard name) is the GloSea4 ensemble member, numbered by its file (0..13 without 6), and ``time`` the
+middle of each monthly mean. The name is not ``member``, the pipeline's ensemble dim, so the benchmark goes
+into the pipeline as it is. Training code flattens ``realization x time`` into samples
+(:func:`dpdm_diffusers.samples.normalize_fields` does).
 
 Run ``python -m dpdm_diffusers.glosea4`` to print the benchmark summary and the Lerp (bilinear)
 RMSE of the test month, globally and in the report regions.
@@ -115,14 +117,15 @@ def _read_members(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nda
 
 
 def load_glosea4(path: str | os.PathLike | None = None) -> xr.Dataset:
-    """All 13 x 6 GloSea4 fields on the native 145 x 192 grid, dims ``(member, time, lat, lon)``, in K."""
+    """All 13 x 6 GloSea4 fields on the native 145 x 192 grid, dims ``(realization, time, lat, lon)``, in K."""
     path = Path(path) if path is not None else glosea4_dir()
     members, times, lat, lon, values, attrs = _read_members(str(path))
     da = xr.DataArray(
         np.array(values),  # a writable copy of the cached arrays
-        dims=("member", "time", "lat", "lon"),
+        dims=("realization", "time", "lat", "lon"),
         coords={
-            "member": ("member", members.copy(), {"long_name": "ensemble member (file number)"}),
+            "realization": ("realization", members.copy(),
+                            {"standard_name": "realization", "long_name": "GloSea4 ensemble member (file number)"}),
             "time": ("time", times.astype("datetime64[ns]"), {"long_name": "middle of the monthly mean"}),
             "lat": ("lat", lat.copy(), {"units": "degrees_north", "standard_name": "latitude"}),
             "lon": ("lon", lon.copy(), {"units": "degrees_east", "standard_name": "longitude"}),
@@ -179,6 +182,8 @@ def _benchmark_from_netcdf(path: Path, static: bool) -> GloSea4Benchmark:
         ds = f.load()
     if ds.attrs.get("dpdm_benchmark") != NAME or VARIABLE not in ds:
         raise ValueError(f"{path} is not a {NAME} copy written by save_glosea4_netcdf.")
+    if "member" in ds.dims:  # a copy written before the ensemble dim was named `realization`
+        ds = ds.rename(member="realization")
     high = ds[[VARIABLE]]
     high.attrs = {k: v for k, v in ds.attrs.items() if k == "source"}
     static_ds = None
@@ -237,14 +242,14 @@ def _main() -> None:
           f"loaded in {time.perf_counter() - t0:.1f} s")
     for name in SPLITS:
         h, _ = bench.split(name)
-        print(f"  {name:<10} {h.sizes['member'] * h.sizes['time']:>3} fields "
+        print(f"  {name:<10} {h.sizes['realization'] * h.sizes['time']:>3} fields "
               f"({', '.join(np.datetime_as_string(h['time'].values, unit='M'))})")
     truth, _ = bench.split("test")
     lerp = bench.split_lerp("test", "bilinear").compute()
     print("\nLerp (bilinear, 36x48 block mean -> 144x192) RMSE on the test month 2012-01, K:")
     print(f"  {'region':<20}{'unweighted':>12}{'cos(lat)':>12}{'points':>8}")
     for region in REGIONS:
-        n = truth[VARIABLE].isel(member=0, time=0)
+        n = truth[VARIABLE].isel(realization=0, time=0)
         n = n if REGIONS[region] is None else select_box(n, **REGIONS[region])
         print(f"  {region:<20}{lerp_rmse(truth, lerp, region):>12.3f}"
               f"{lerp_rmse(truth, lerp, region, weighted=True):>12.3f}{n.size:>8}")

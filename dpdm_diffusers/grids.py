@@ -30,6 +30,30 @@ def lat_lon_names(obj) -> tuple[str, str]:
     return find_coord(obj, LAT_NAMES, "latitude"), find_coord(obj, LON_NAMES, "longitude")
 
 
+# 2-D coordinates under these names make a curvilinear grid, which is not a regular lat/lon grid
+_CURVILINEAR_NAMES = ("lat", "latitude", "lon", "longitude", "nav_lat", "nav_lon")
+
+
+def check_lat_lon(obj, lat_name: str | None, lon_name: str | None) -> None:
+    """The grid checks every entry point shares (the data layer and the pipeline's processor): the named dims carry
+    1-D coordinate values, and latitudes are degrees (a projected x/y in metres would pass for them otherwise)."""
+    for name in _CURVILINEAR_NAMES:
+        if name in obj.coords and obj[name].ndim > 1:
+            raise ValueError(
+                f"Curvilinear grid: coordinate `{name}` is {obj[name].ndim}-D {obj[name].dims}. "
+                "Regrid to a regular lat/lon grid first (e.g. with xESMF)."
+            )
+    for name in (lat_name, lon_name):  # a dim without values would silently read as 0, 1, 2 ... degrees
+        if name is not None and name not in obj.coords:
+            raise ValueError(f"Dimension {name!r} has no coordinate values: not a lat/lon grid (assign degrees first).")
+    lat = np.asarray(obj[lat_name].values if lat_name is not None else [], dtype=np.float64)
+    if lat.size and np.nanmax(np.abs(lat)) > 90 + 1e-6:
+        raise ValueError(
+            f"{lat_name!r} reaches {np.nanmax(np.abs(lat)):.4g}: not a lat/lon grid (projected x/y coordinates?); "
+            "regrid to a regular lat/lon grid first."
+        )
+
+
 def check_regular(values, name: str, rtol: float = 1e-3) -> float:
     """Check a 1-D coordinate is finite, strictly monotonic and evenly spaced; return its signed step."""
     v = np.asarray(values, dtype=np.float64)
@@ -96,10 +120,10 @@ class Grid:
     def periodic(self) -> bool:
         return is_global_lon(self.lon)
 
-    def refine(self, factor: int) -> "Grid":
+    def refine(self, factor: int) -> Grid:
         return Grid(refine(self.lat, factor), refine(self.lon, factor))
 
-    def scale_factor_to(self, fine: "Grid") -> float:
+    def scale_factor_to(self, fine: Grid) -> float:
         """Ratio of this grid's spacing to ``fine``'s, checked to be the same in lat and lon."""
         fy, fx = self.dlat / fine.dlat, self.dlon / fine.dlon
         if abs(fy - fx) > 1e-3 * max(fy, fx):
@@ -107,7 +131,7 @@ class Grid:
         return fy
 
     @classmethod
-    def from_xarray(cls, obj) -> "Grid":
+    def from_xarray(cls, obj) -> Grid:
         la, lo = lat_lon_names(obj)
         return cls(obj[la].values, obj[lo].values)
 

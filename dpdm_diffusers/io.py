@@ -25,9 +25,34 @@ def output_format(path: str | os.PathLike) -> str:
     return FORMATS[suffix]
 
 
-def _encoding(ds: xr.Dataset) -> dict:
-    # float32 with compression: ensembles are large; zlib is in every netCDF4 build
-    return {v: {"zlib": True, "complevel": 4, "dtype": "float32"} for v in ds.data_vars if np.issubdtype(ds[v].dtype, np.floating)}
+def netcdf_encoding(ds: xr.Dataset, *, chunked: bool = False) -> dict:
+    """The netCDF encoding of every writer: floating-point variables as zlib-compressed float32 (ensembles are
+    large; zlib is in every netCDF4 build); other variables keep xarray's defaults.
+
+    ``chunked=True`` also keeps each variable's storage chunks (``encoding["chunks"]``, e.g. of a zarr store being
+    streamed to netCDF), clipped to its shape, as netCDF chunk sizes."""
+    out = {}
+    for v in ds.data_vars:
+        if not np.issubdtype(ds[v].dtype, np.floating):
+            continue
+        enc = {"zlib": True, "complevel": 4, "dtype": "float32"}
+        chunks = ds[v].encoding.get("chunks")
+        if chunked and chunks is not None and len(chunks) == ds[v].ndim:
+            enc["chunksizes"] = tuple(min(s, c) for s, c in zip(ds[v].shape, chunks))
+        out[v] = enc
+    return out
+
+
+def zarr_encoding(ds: xr.Dataset) -> dict:
+    """The zarr encoding of every writer: numeric variables compressed with Blosc zstd + bit shuffle (float fields
+    come out ~1.1-2x smaller and stay fast to read), in the key the installed zarr expects (``compressors`` from
+    zarr 3, ``compressor`` before)."""
+    import zarr
+    from numcodecs import Blosc
+
+    comp = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE)
+    key, value = ("compressors", [comp]) if int(zarr.__version__.split(".")[0]) >= 3 else ("compressor", comp)
+    return {v: {key: value} for v in ds.data_vars if np.issubdtype(ds[v].dtype, np.number) or ds[v].dtype == bool}
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -149,14 +174,14 @@ def write_dataset(ds: xr.Dataset, path: str | os.PathLike, *, overwrite: bool = 
         ds = ds.to_dataset()
     try:
         if fmt == "netcdf":
-            ds.to_netcdf(tmp, encoding=_encoding(ds))
+            ds.to_netcdf(tmp, encoding=netcdf_encoding(ds))
         else:
             # Zarr format 2 with consolidated metadata: what most Pangeo readers (and zarr v2) open; the stamp lets a
             # later overwrite tell its own store from a folder it must not delete
             from . import __version__
 
             ds = ds.assign_attrs(written_by=f"dpdm-diffusers {__version__}")
-            ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
+            ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True, encoding=zarr_encoding(ds))
         replace_atomically(tmp, path)
     except (OSError, RuntimeError) as err:
         better = explain_write_error(err, path)

@@ -27,7 +27,8 @@ Conventions shared by every function
 from __future__ import annotations
 
 import math
-from typing import Hashable, Iterable, Mapping, NamedTuple, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd

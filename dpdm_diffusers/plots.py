@@ -7,8 +7,8 @@ backend choice, and leaves no figures open. Every function writes one PNG and re
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 

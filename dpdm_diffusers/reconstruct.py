@@ -8,7 +8,7 @@ more than one chunk in memory, so a 180-year monthly record runs on a laptop as 
 * **Resume**: the work happens in ``.<name>.dpdm-partial.zarr`` beside the output. A chunk counts as done only when
   its marker file exists, written after its data. A rerun of the same command skips done chunks; a rerun with
   other settings (model, seed, members, steps, scheduler, chunking...) is refused instead of mixing runs.
-* **Chunk invariance**: the pipeline keys each member's noise by the time stamp (``pipeline_downscaling.noise_seed``),
+* **Chunk invariance**: the pipeline keys each member's noise by the time stamp (:mod:`dpdm_diffusers.seeding`),
   so a time step's members do not depend on which chunk, process or resumed run produced them.
 * **Scale-out**: under ``accelerate launch`` / ``torchrun``, pending chunks are split between processes with
   Accelerate's ``PartialState.split_between_processes``; each process writes its own regions.
@@ -25,16 +25,18 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
 
 import numpy as np
 import torch
 import xarray as xr
 
 from . import __version__
-from .io import check_output, is_own_output, output_format, replace_atomically
+from .cf_attrs import output_attrs
+from .io import check_output, is_own_output, netcdf_encoding, output_format, replace_atomically, zarr_encoding
+from .naming import apply_variable_map
 
 logger = logging.getLogger(__name__)
 
@@ -150,17 +152,6 @@ def _template(pipe, low_res: xr.Dataset, out_names: dict, grid, num_members: int
     return xr.Dataset(data_vars, coords=coords, attrs=attrs)
 
 
-def _encoding(ds: xr.Dataset) -> dict:
-    from numcodecs import Blosc
-
-    import zarr
-
-    comp = Blosc(cname="zstd", clevel=3, shuffle=Blosc.BITSHUFFLE)  # float fields: ~1.1-2x smaller, fast to read
-    if int(zarr.__version__.split(".")[0]) >= 3:
-        return {v: {"compressors": [comp]} for v in ds.data_vars}
-    return {v: {"compressor": comp} for v in ds.data_vars}
-
-
 def reconstruct(
     pipe,
     low_res: xr.Dataset,
@@ -209,12 +200,14 @@ def reconstruct(
         raise ValueError("The input has an empty time dimension: nothing to downscale.")
     check_output(output, overwrite)  # exists / not ours / not writable: refused before any computation
     variable_map = dict(variable_map or {})
-    back = {b: a for a, b in variable_map.items()}
+    renamed, back = apply_variable_map(low_res, variable_map, pipe.config.variables)
+    low_res = renamed.rename(back)  # the model's variables in the caller's names: the pipeline renames them
     out_names = {back.get(v, v): v for v in pipe.config.variables}  # user name -> model name
-    missing = [u for u in out_names if u not in low_res.data_vars]
-    if missing:
-        raise KeyError(f"The input lacks {missing}; it holds {sorted(map(str, low_res.data_vars))}.")
-    low_res = low_res[list(out_names)]
+    # every argument and the input's first step are checked by the pipeline itself before a store exists
+    if tiles_per_call is not None:
+        pipe.check_inputs(num_members, num_inference_steps, tiles_per_call, None, ())
+    first = pipe.processor.preprocess(low_res.isel(time=slice(0, 1)).load(), static_fields, None, member_dim,
+                                      "raise", variable_map)
     grid = Grid.from_xarray(low_res).refine(pipe.config.scale_factor)
     model_id = model_id or str(getattr(pipe, "name_or_path", "") or "")
     settings = run_settings(pipe, low_res, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
@@ -242,14 +235,12 @@ def reconstruct(
             info = {"model": model_id, "scheduler": settings["scheduler"], "num_inference_steps": num_inference_steps,
                     "num_members": num_members, "seed": seed, "version": __version__,
                     "config": json.dumps({k: v for k, v in dict(pipe.config).items() if not k.startswith("_")}, default=str)}
-            attrs = {k: v for k, v in low_res.attrs.items() if k not in (RUN_ATTR,)}
-            attrs.update(Conventions="CF-1.8", source=f"dpdm-diffusers {__version__} DownscalingPipeline",
-                         history=(str(low_res.attrs.get("history", "")) + f"\n{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} "
-                                  f"downscaled x{pipe.config.scale_factor} by dpdm-diffusers {__version__}").strip(),
-                         **{f"dpdm_{k}": v for k, v in info.items()}, **{RUN_ATTR: json.dumps(settings, default=str)})
+            attrs = output_attrs({k: v for k, v in low_res.attrs.items() if k != RUN_ATTR},
+                                 scale_factor=pipe.config.scale_factor, info=info)
+            attrs[RUN_ATTR] = json.dumps(settings, default=str)
             tmpl = _template(pipe, low_res, out_names, grid, num_members, chunk_size, members, stats, attrs, member_dim)
             tmp = store.with_name(store.name + f".init-{os.getpid()}")
-            tmpl.to_zarr(tmp, mode="w", compute=False, zarr_format=2, consolidated=True, encoding=_encoding(tmpl))
+            tmpl.to_zarr(tmp, mode="w", compute=False, zarr_format=2, consolidated=True, encoding=zarr_encoding(tmpl))
             shutil.rmtree(markers_path(store), ignore_errors=True)  # stale markers of a store deleted by hand
             markers_path(store).mkdir()
             os.replace(tmp, store)  # the store appears complete with its layout, or not at all
@@ -261,7 +252,7 @@ def reconstruct(
     state.wait_for_everyone()  # every process listed the same pending chunks before any is marked
     with state.split_between_processes(pending) as mine:
         mine = list(mine)
-    static = static_fields
+    static = first.static  # validated on the target grid once (derived from packaged data only once)
     t0, steps_done = time.perf_counter(), 0
     bar = tqdm(total=low_res.sizes["time"], initial=sum(b - a for i, a, b in chunks if i in done), unit="step",
                desc="downscale", disable=not (progress and state.is_main_process), dynamic_ncols=True)
@@ -327,9 +318,7 @@ def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: 
         return
     if fmt == "netcdf":
         ds = xr.open_zarr(store)
-        enc = {v: {"zlib": True, "complevel": 4, "dtype": "float32",
-                   "chunksizes": tuple(min(s, c) for s, c in zip(ds[v].shape, ds[v].encoding.get("chunks", ds[v].shape)))}
-               for v in ds.data_vars}
+        enc = netcdf_encoding(ds, chunked=True)  # the store's chunks: streamed chunk by chunk
         tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
         try:
             ds.to_netcdf(tmp, encoding=enc)  # dask streams chunk by chunk: bounded memory

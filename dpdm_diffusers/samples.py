@@ -8,7 +8,8 @@ One job: turn (high-res, interpolated low-res, static) fields into what a traini
 2. :class:`RandomPatchDataset` (a map-style ``torch.utils.data.Dataset``) draws random crops on the fly:
    longitude wraps on global grids (patches may straddle the seam), latitude never wraps. Each item is
    ``{"target", "condition", "mask", "sample", "y", "x"}`` where ``mask`` marks valid target points
-   (missing values are zero-filled *and* masked, so the loss can ignore them). Crops are deterministic
+   (missing values are zero-filled *and* masked, so the loss can ignore them; so are points outside the
+   fields' ``loss_mask``, e.g. a spatial validation box). Crops are deterministic
    in ``(seed, epoch, index)``, which keeps DataLoader workers and distributed ranks independent.
 3. :func:`build_hf_dataset` streams the normalised fields plus metadata, chunk by chunk from lazy
    xarray inputs (so they may be larger than memory), into an Arrow-backed ``datasets.Dataset``
@@ -25,8 +26,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -60,22 +62,17 @@ FORMAT = "dpdm-samples/1"
 class NormalizedFields:
     """Whole fields in model space, held in memory as float32 arrays.
 
-    Attributes
-    ----------
-    target
-        ``(N, V, H, W)`` model-space target (``Normalizer.to_model_space``), NaN where invalid.
-    lerp
-        ``(N, V, H, W)`` normalised interpolated low-res (first ``V`` condition channels), NaN where missing.
-    static
-        ``(S, H, W)`` normalised static channels (the remaining condition channels).
-    normalizer
-        The statistics and transforms used.
-    lat, lon
-        Grid coordinates; ``periodic`` is True on a global longitude axis.
-    coords
-        Per-sample labels of the stacked non-spatial dims, e.g. ``{"member": [...], "time": [...]}``.
-    metadata
-        JSON-serialisable extras (units, standard names, anything the caller adds).
+    Attributes:
+        target: ``(N, V, H, W)`` model-space target (``Normalizer.to_model_space``), NaN where invalid.
+        lerp: ``(N, V, H, W)`` normalised interpolated low-res (first ``V`` condition channels), NaN where missing.
+        static: ``(S, H, W)`` normalised static channels (the remaining condition channels).
+        normalizer: The statistics and transforms used.
+        lat, lon: Grid coordinates; ``periodic`` is True on a global longitude axis.
+        coords: Per-sample labels of the stacked non-spatial dims, e.g. ``{"member": [...], "time": [...]}``.
+        metadata: JSON-serialisable extras (units, standard names, anything the caller adds).
+        loss_mask: ``(H, W)`` bool, False where the target must not be learnt from although it is valid
+            (e.g. a spatial validation box: scored, never trained on); ``None``: every valid point. The data are
+            left as they are; patches mark those points invalid in their ``mask``.
     """
 
     target: np.ndarray
@@ -87,6 +84,7 @@ class NormalizedFields:
     periodic: bool
     coords: dict[str, np.ndarray] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    loss_mask: np.ndarray | None = None
 
     @property
     def num_samples(self) -> int:
@@ -203,7 +201,8 @@ def _prepare(high_res, lerp, normalizer: Normalizer, static, metadata) -> _Prepa
             raise KeyError(f"Static fields lack {missing}; they hold {sorted(map(str, static.data_vars))}.")
         st = static[channels].to_array("channel").transpose("channel", "lat", "lon")
         if st.shape[1:] != (ny, nx) or not (
-            np.allclose(st["lat"].values, high_res["lat"].values) and np.allclose(st["lon"].values, high_res["lon"].values)
+            np.allclose(st["lat"].values, high_res["lat"].values)
+            and np.allclose(st["lon"].values, high_res["lon"].values)
         ):
             raise ValueError("Static fields are not on the high-res grid; build them with get_static_fields(grid).")
         with torch.no_grad():
@@ -236,6 +235,7 @@ def normalize_fields(
     *,
     chunk_size: int = 32,
     metadata: Mapping[str, Any] | None = None,
+    loss_mask: np.ndarray | None = None,
 ) -> NormalizedFields:
     """Map whole fields to model space once, in memory, so crops during training are plain slicing.
 
@@ -243,9 +243,15 @@ def normalize_fields(
     all non-spatial dims, e.g. ``member`` and ``time``, become the sample axis, in C order). ``static``
     holds ``normalizer.static_channels`` on that grid. Lazy inputs are computed ``chunk_size`` samples at
     a time. For data larger than memory use :func:`build_hf_dataset` and :class:`ArrowFields` instead.
+    ``loss_mask`` (``(H, W)`` bool) leaves the points where it is False out of every patch's ``mask``
+    (see :class:`NormalizedFields`).
     """
     prep = _prepare(high_res, lerp, normalizer, static, metadata)
     n, v, ny, nx = prep.high.shape
+    if loss_mask is not None:
+        loss_mask = np.asarray(loss_mask, dtype=bool)
+        if loss_mask.shape != (ny, nx):
+            raise ValueError(f"loss_mask has shape {loss_mask.shape}; the grid is {ny}x{nx}.")
     target = np.empty((n, v, ny, nx), dtype=np.float32)
     lerp_z = np.empty((n, v, ny, nx), dtype=np.float32)
     for i, t, z in prep.chunks(normalizer, chunk_size):
@@ -253,7 +259,7 @@ def normalize_fields(
         lerp_z[i:i + len(z)] = z
     return NormalizedFields(
         target=target, lerp=lerp_z, static=prep.static, normalizer=normalizer, lat=prep.lat, lon=prep.lon,
-        periodic=is_global_lon(prep.lon), coords=prep.coords, metadata=prep.metadata,
+        periodic=is_global_lon(prep.lon), coords=prep.coords, metadata=prep.metadata, loss_mask=loss_mask,
     )
 
 
@@ -273,12 +279,16 @@ def pad_to_patch(fields: NormalizedFields, patch_size: int) -> NormalizedFields:
     width = [(0, 0)] * (fields.target.ndim - 2) + [(0, ph), (0, pw)]
     target = np.pad(fields.target, width, constant_values=np.nan)
     lerp = np.pad(fields.lerp, width, mode="edge")
-    static = np.pad(fields.static, width[1:], mode="edge") if fields.static.size else np.zeros((0, ny + ph, nx + pw), np.float32)
+    if fields.static.size:
+        static = np.pad(fields.static, width[1:], mode="edge")
+    else:
+        static = np.zeros((0, ny + ph, nx + pw), np.float32)
+    loss_mask = None if fields.loss_mask is None else np.pad(fields.loss_mask, width[-2:], constant_values=False)
     # the padded cells get coordinates continuing the grid, so the result is again a regular grid
     dlat, dlon = float(np.diff(fields.lat).mean()), float(np.diff(fields.lon).mean())
     lat = np.concatenate([fields.lat, fields.lat[-1] + dlat * np.arange(1, ph + 1)])
     lon = np.concatenate([fields.lon, fields.lon[-1] + dlon * np.arange(1, pw + 1)])
-    return dataclasses.replace(fields, target=target, lerp=lerp, static=static, lat=lat, lon=lon,
+    return dataclasses.replace(fields, target=target, lerp=lerp, static=static, lat=lat, lon=lon, loss_mask=loss_mask,
                                metadata={**fields.metadata, "padded_from": [ny, nx]})
 
 
@@ -320,24 +330,19 @@ def _looks_directional(name: str, std: str) -> bool:
 class RandomPatchDataset(torch.utils.data.Dataset):
     """Random ``patch_size`` crops of model-space fields, drawn on the fly.
 
-    Parameters
-    ----------
-    fields
-        :class:`NormalizedFields` (in memory) or :class:`ArrowFields` (memory-mapped Arrow).
-    patch_size
-        Side of the square patch (the pipeline config's ``patch_size``).
-    samples_per_epoch
-        Length of an epoch; default: enough patches to tile every field once.
-    flips
-        Subset of ``("lon", "lat")``: mirror east-west / north-south with probability 1/2. Off by default.
-    vector_components
-        ``{variable: "x" | "y"}`` overriding the automatic detection (:func:`vector_components`);
-        used for sign handling when flipping.
-    min_valid_fraction
-        Redraw (up to ``max_tries`` times) patches whose valid target fraction is below this, e.g. to
-        skip all-ocean patches of ERA5-Land.
-    seed
-        Base seed; item ``i`` of epoch ``e`` is a pure function of ``(seed, e, i)``.
+    A target point is valid (``mask`` True) where it is finite and inside the fields' ``loss_mask``.
+
+    Args:
+        fields: :class:`NormalizedFields` (in memory) or :class:`ArrowFields` (memory-mapped Arrow).
+        patch_size: Side of the square patch (the pipeline config's ``patch_size``).
+        samples_per_epoch: Length of an epoch; default: enough patches to tile every field once.
+        flips: Subset of ``("lon", "lat")``: mirror east-west / north-south with probability 1/2. Off by default.
+        vector_components: ``{variable: "x" | "y"}`` overriding the automatic detection
+            (:func:`vector_components`); used for sign handling when flipping.
+        min_valid_fraction: Redraw (up to ``max_tries`` times) patches whose valid target fraction is below
+            this, e.g. to skip all-ocean patches of ERA5-Land.
+        max_tries: Draws per patch at most.
+        seed: Base seed; item ``i`` of epoch ``e`` is a pure function of ``(seed, e, i)``.
     """
 
     def __init__(
@@ -358,8 +363,8 @@ class RandomPatchDataset(torch.utils.data.Dataset):
             raise ValueError(f"Patch size must be positive, got {patch_size}.")
         if self.patch_size > min(ny, nx):
             if not isinstance(fields, NormalizedFields):
-                raise ValueError(f"Patch size {patch_size} does not fit the {ny}x{nx} grid (pad small regions in memory: "
-                                 "normalize_fields, not an Arrow store).")
+                raise ValueError(f"Patch size {patch_size} does not fit the {ny}x{nx} grid (pad small regions in "
+                                 "memory: normalize_fields, not an Arrow store).")
             fields = pad_to_patch(fields, self.patch_size)
         self.fields = fields
         ny, nx = fields.shape
@@ -429,10 +434,13 @@ class RandomPatchDataset(torch.utils.data.Dataset):
             raise IndexError(index)
         rng = np.random.default_rng((self.seed, self.epoch, int(index)))
         p = self.patch_size
+        loss_mask = getattr(self.fields, "loss_mask", None)  # Arrow stores have none
         for _ in range(self.max_tries):
             n, y0, x0 = self._draw(rng)
             target, lerp, static = self.fields.crop(n, y0, x0, p)
             valid = np.isfinite(target)
+            if loss_mask is not None:
+                valid &= _crop(loss_mask, y0, x0, p)
             if valid.mean() >= self.min_valid_fraction:
                 break
         target = np.array(target, dtype=np.float32)  # own the memory: never hand out views of the store
@@ -440,10 +448,11 @@ class RandomPatchDataset(torch.utils.data.Dataset):
         static = np.array(static, dtype=np.float32)
         for axis in self.flips:
             if rng.random() < 0.5:
-                sl = (Ellipsis, slice(None, None, -1)) if axis == "lon" else (Ellipsis, slice(None, None, -1), slice(None))
-                target, lerp, static = target[sl], lerp[sl], static[sl]
+                reverse = slice(None, None, -1)
+                sl = (Ellipsis, reverse) if axis == "lon" else (Ellipsis, reverse, slice(None))
+                target, lerp, static, valid = target[sl], lerp[sl], static[sl], valid[sl]
                 self._negate(target, lerp, self._signs.get(axis, ()))
-        mask = np.isfinite(target)
+        mask = np.ascontiguousarray(valid)  # torch cannot wrap a flipped (negative-stride) view
         condition = np.concatenate([np.nan_to_num(lerp, nan=0.0), static], axis=0)
         return {
             "target": torch.from_numpy(np.where(mask, target, 0.0).astype(np.float32)),
@@ -487,7 +496,7 @@ def build_hf_dataset(
     chunk_size: int = 8,
     cache_dir: str | None = None,
     split: str = "train",
-) -> "datasets.Dataset":
+) -> datasets.Dataset:
     """Stream normalised full-field samples and their metadata into an Arrow-backed ``datasets.Dataset``.
 
     Inputs are as for :func:`normalize_fields` and may be lazy and larger than memory: they are computed

@@ -29,9 +29,9 @@ import importlib.util
 import os
 import tempfile
 import zipfile
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 import xarray as xr

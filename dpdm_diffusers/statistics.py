@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
 
-from .transforms import TRANSFORMS
+from .transforms import forward_transform
 
-__all__ = ["default_transform", "apply_transform", "compute_statistics", "static_statistics"]
+__all__ = ["default_transform", "compute_statistics", "static_statistics"]
 
 # Non-negative, heavy-tailed fields get log1p (the paper's log transform for TP).
 _PRECIP_NAMES = re.compile(
@@ -41,15 +42,6 @@ def default_transform(name: str, attrs: Mapping[str, Any] | None = None) -> str:
     if _PRECIP_NAMES.match(str(name)) or any(k in standard for k in _PRECIP_STANDARD):
         return "log1p"
     return "identity"
-
-
-def apply_transform(x, name: str):
-    """The numpy/dask/xarray twin of :func:`transforms.forward_transform` (same clipping at 0)."""
-    if name == "identity":
-        return x
-    if name == "log1p":
-        return np.log1p(np.maximum(x, 0))  # works lazily on dask-backed xarray objects
-    raise ValueError(f"Unknown transform {name!r}; expected one of {TRANSFORMS}.")
 
 
 def _resolve_transforms(ds: xr.Dataset, variables: Sequence[str], transforms) -> list[str]:
@@ -144,8 +136,8 @@ def compute_statistics(
     # First pass: mean/std of the transformed high-res (both moments from one dask graph).
     lazy = {}
     for v, t in zip(variables, transforms):
-        h = apply_transform(high_res[v].astype(np.float64), t)
-        l = apply_transform(lerp[v].astype(np.float64), t)
+        h = forward_transform(high_res[v].astype(np.float64), t)  # lazily on dask-backed data
+        l = forward_transform(lerp[v].astype(np.float64), t)
         if mask is not None:
             h = h.where(mask)
         lazy[f"{v}__mean"] = h.mean()

@@ -1,7 +1,7 @@
 """Physical units <-> model space, shared by the pipeline, training and evaluation.
 
-Everything here is pure tensor math with no I/O, so the pipeline and the training script compute the
-model target in exactly the same way. The spaces are:
+Everything here is pure array math with no I/O, so the pipeline, the training script and the statistics
+(:mod:`dpdm_diffusers.statistics`, on lazy xarray data) compute the model target in exactly the same way. The spaces are:
 
 * physical: what the user sees (K, m/s, mm/day, ...);
 * transformed: ``identity`` or ``log1p`` (precipitation-like, non-negative) applied per variable;
@@ -14,22 +14,28 @@ model target in exactly the same way. The spaces are:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
+import numpy as np
 import torch
 
 TRANSFORMS = ("identity", "log1p")
 PREDICTIONS = ("residual", "full")
 
 
-def forward_transform(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Apply a named per-variable transform (physical -> transformed)."""
+def forward_transform(x, name: str):
+    """Apply a named per-variable transform (physical -> transformed).
+
+    ``x``: a torch tensor, or a numpy, dask or xarray array (lazy stays lazy); the result is of the same kind.
+    """
     if name == "identity":
         return x
     if name == "log1p":
-        # Tiny negative values from regridding must not produce NaN.
-        return torch.log1p(x.clamp_min(0))
+        # tiny negative values from regridding must not produce NaN
+        if isinstance(x, torch.Tensor):
+            return torch.log1p(x.clamp_min(0))
+        return np.log1p(np.maximum(x, 0))  # numpy, dask and xarray: ufuncs keep lazy data lazy
     raise ValueError(f"Unknown transform {name!r}; expected one of {TRANSFORMS}.")
 
 
@@ -80,7 +86,7 @@ class Normalizer:
                 raise ValueError(f"All `{name}` values must be > 0, got {list(getattr(self, name))}.")
 
     @classmethod
-    def from_config(cls, config) -> "Normalizer":
+    def from_config(cls, config) -> Normalizer:
         """Build from a pipeline config (``pipe.config``) or any mapping with the same keys."""
         get = config.get if hasattr(config, "get") else lambda k, d=None: getattr(config, k, d)
         return cls(

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import xarray as xr
 
 from . import data
 from .grids import Grid
+from .naming import COORD_LIKE, apply_variable_map
 from .units import require_units
 
 logger = logging.getLogger(__name__)
@@ -113,11 +114,11 @@ def load_region(
     if lat_box or lon_box:
         hr = data.select_box(hr, lat=tuple(lat_box) if lat_box else None, lon=tuple(lon_box) if lon_box else None)
     if variables is None:
-        names = [str(v) for v in hr.data_vars if str(v) not in data._COORD_LIKE and {"lat", "lon"} <= set(hr[v].dims)]
-        hr = hr[names].rename(variable_map) if variable_map else hr[names]
+        names = [str(v) for v in hr.data_vars if str(v) not in COORD_LIKE and {"lat", "lon"} <= set(hr[v].dims)]
+        hr, _ = apply_variable_map(hr[names], variable_map)
         variables = list(map(str, hr.data_vars))
     else:
-        hr = data.map_variables(hr, variables, variable_map)
+        hr, _ = apply_variable_map(hr, variable_map, variables)
     for v in variables:
         require_units(hr[v], v, (units or {}).get(v))
     if units:
@@ -130,7 +131,7 @@ def load_region(
     lr = None
     if low_res is not None:
         lr = low_res if isinstance(low_res, xr.Dataset) else data.open_dataset(low_res)
-        lr = data.map_variables(data.standardize(lr, regular_grid=regular_grid), variables, variable_map)
+        lr, _ = apply_variable_map(data.standardize(lr, regular_grid=regular_grid), variable_map, variables)
         if units:
             lr = data.convert_to_units(lr, {v: units[v] for v in variables if v in units})
     pairs = data.make_pairs(hr, scale_factor=scale_factor, low_res=lr)
@@ -189,5 +190,4 @@ def validation_inputs(region: RegionData, max_samples: int | None = None):
         low, truth = flat(low), flat(truth)
     if low.sizes.get("sample", 1) == 0:
         return None
-    st = None if static is None else {k: static[k] for k in static.data_vars}
-    return low.load(), truth.load(), st
+    return low.load(), truth.load(), static  # the pipeline takes the static Dataset as it is

@@ -9,7 +9,7 @@ from conftest import make_low_res, make_pipeline
 from typer.testing import CliRunner
 
 from dpdm_diffusers.cli import app
-from dpdm_diffusers.io import ensemble_dataset, write_dataset
+from dpdm_diffusers.io import ensemble_dataset, netcdf_encoding, write_dataset, zarr_encoding
 
 runner = CliRunner()
 
@@ -28,6 +28,18 @@ def test_write_dataset_round_trip_and_refuses_to_clobber(tmp_path, suffix):
     write_dataset(ds + 1, path, overwrite=True)
     assert float(xr.open_dataset(path, engine="zarr" if suffix == ".zarr" else None).tas.mean()) == pytest.approx(float(ds.tas.mean()) + 1, rel=1e-6)
     assert not list(tmp_path.glob(".*partial"))
+
+
+def test_one_encoding_per_format_compresses_the_fields(tmp_path):
+    ds = make_low_res().assign(flag=(("lat", "lon"), np.zeros((6, 8), "i1")))
+    enc = netcdf_encoding(ds)
+    assert enc == {"tas": {"zlib": True, "complevel": 4, "dtype": "float32"}}  # floats only; flag keeps its dtype
+    ds["tas"].encoding["chunks"] = (1, 100, 3)  # a zarr store's chunks, streamed to netCDF: clipped to the shape
+    assert netcdf_encoding(ds, chunked=True)["tas"]["chunksizes"] == (1, 6, 3)
+    assert "chunksizes" not in netcdf_encoding(ds)["tas"]
+    assert set(zarr_encoding(ds)) == {"tas", "flag"}
+    path = write_dataset(ds, tmp_path / "out.zarr")  # the writer uses it: zstd-compressed
+    assert '"zstd"' in (path / "tas" / ".zarray").read_text()
 
 
 def test_unknown_output_format(tmp_path):

@@ -108,7 +108,7 @@ def test_evaluate_glosea4_rows_with_a_tiny_model(tmp_path):
     assert np.isfinite(score[("DPDM 3-member mean + conservation", "CRPS")])
     assert np.isfinite(score[("DPDM 3-member mean + conservation", "SSR")])
     _, low = load_glosea4_benchmark().split("test")
-    low = low["surface_temperature"].isel(member=slice(0, 1)).values
+    low = low["surface_temperature"].isel(realization=slice(0, 1)).values
     np.testing.assert_allclose(block_mean(res.conserved_members.values, 4), np.broadcast_to(low, (3, *low.shape)),
                                rtol=0, atol=1e-3)
     assert set(res.rank_histograms) == {"DPDM 3 members", "DPDM 3 members + conservation"}

@@ -19,8 +19,10 @@ def bench():
 
 def test_native_data_is_13_members_by_6_months():
     ds = glosea4.load_glosea4()
-    assert dict(ds.sizes) == {"member": 13, "time": 6, "lat": 145, "lon": 192}
-    assert 6 not in ds["member"].values and ds["surface_temperature"].attrs["units"] == "K"
+    # `realization`, not `member`: the benchmark goes into the pipeline, whose ensemble dim is `member`, as it is
+    assert dict(ds.sizes) == {"realization": 13, "time": 6, "lat": 145, "lon": 192}
+    assert 6 not in ds["realization"].values and ds["realization"].attrs["standard_name"] == "realization"
+    assert ds["surface_temperature"].attrs["units"] == "K"
     assert 190 < float(ds["surface_temperature"].min()) and float(ds["surface_temperature"].max()) < 330
 
 
@@ -34,7 +36,7 @@ def test_benchmark_grids_splits_and_low_res(bench):
     for name in glosea4.SPLITS:
         h, low = bench.split(name)
         months[name] = list(np.datetime_as_string(h["time"].values, unit="M"))
-        assert h.sizes["member"] * h.sizes["time"] == {"train": 52, "validation": 13, "test": 13}[name]
+        assert h.sizes["realization"] * h.sizes["time"] == {"train": 52, "validation": 13, "test": 13}[name]
         np.testing.assert_array_equal(h["time"].values, low["time"].values)
     assert months == {"train": ["2011-08", "2011-09", "2011-10", "2011-11"], "validation": ["2011-12"],
                       "test": ["2012-01"]}
@@ -68,6 +70,10 @@ def test_a_netcdf_copy_loads_the_same_benchmark_without_iris(tmp_path, monkeypat
     copy = glosea4.load_glosea4_benchmark()
     for a, b in ((packaged.high_res, copy.high_res), (packaged.low_res, copy.low_res), (packaged.static, copy.static)):
         xr.testing.assert_identical(a.drop_attrs(deep=False), b.drop_attrs(deep=False))
+    legacy = tmp_path / "legacy.nc"  # a copy written when the ensemble dim was still named `member`
+    with xr.open_dataset(path) as f:
+        f.rename(realization="member").to_netcdf(legacy)
+    xr.testing.assert_identical(glosea4.load_glosea4_benchmark(legacy, static=False).high_res, copy.high_res)
     other = tmp_path / "other.nc"
     packaged.high_res.to_netcdf(other)
     with pytest.raises(ValueError, match="not a glosea4-ts-x4 copy"):
@@ -75,7 +81,7 @@ def test_a_netcdf_copy_loads_the_same_benchmark_without_iris(tmp_path, monkeypat
 
 
 def test_training_ranges_never_reach_the_test_month():
-    from dpdm_diffusers.training.train_dpdm import TrainingConfig, glosea4_splits
+    from dpdm_diffusers.training.config import TrainingConfig, glosea4_splits
 
     cfg = TrainingConfig(dataset="glosea4-ts-x4")
     assert glosea4_splits(cfg) == (("2011-08", "2011-11"), ("2011-12", "2011-12"))

@@ -9,10 +9,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from diffusers import DiffusionPipeline
 import xarray as xr
 from conftest import make_low_res, make_pipeline, make_static
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
 
 from dpdm_diffusers import DownscalingPipeline, DownscalingPipelineOutput
 from dpdm_diffusers.grids import Grid

@@ -13,6 +13,8 @@ import pytest
 import xarray as xr
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.heavy,  # a subprocess end-to-end run: `make test-heavy`
+              pytest.mark.timeout(900)]  # above the subprocess's own 600 s, so its error message is the one seen
 
 
 def recipe_block() -> str:

@@ -3,13 +3,11 @@ two processes, netCDF and zarr, atomic outputs (tiny model, a few seconds each).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -128,6 +126,7 @@ def cli(*args, env=None, **kw):
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}, **kw)
 
 
+@pytest.mark.heavy
 def test_sigkill_then_the_same_command_finishes_with_an_identical_result(model_dir, record, tmp_path):
     args = ["downscale", record, "--model", model_dir, "--members", 3, "--steps", 2, "--chunk-size", 2, "--quiet",
             "--scheduler", "ddim"]
@@ -151,6 +150,7 @@ def test_sigkill_then_the_same_command_finishes_with_an_identical_result(model_d
         np.testing.assert_array_equal(a[v].values, b[v].values)
 
 
+@pytest.mark.heavy
 def test_two_processes_split_the_chunks_and_equal_one_process(model_dir, record, tmp_path):
     # one thread each (torchrun sets one per process): the same arithmetic, so the result is bit-identical
     args = ["--members", 2, "--steps", 2, "--chunk-size", 4, "--quiet", "--model", model_dir, "--scheduler", "ddim", "--threads", 1]

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -306,12 +304,66 @@ def test_cli_static_file_with_own_names_needs_a_static_map(tmp_path):
     assert xr.open_dataset(tmp_path / "b.nc").tas.shape == (2, 2, 24, 32)
 
 
-def test_finetune_argv_passes_southern_boxes_and_maps_intact():
-    from dpdm_diffusers.cli import finetune_argv
-    from dpdm_diffusers.training.train_dpdm import parse_args
+def test_finetune_command_passes_southern_boxes_and_maps_intact():
+    from dpdm_diffusers.training.config import parse_args, to_argv
+    from dpdm_diffusers.training.finetune import finetune_config
 
-    argv = finetune_argv(["x.nc"], model="m", output_dir="o", variable=["air_temperature=tas"], lat_box="-20,-10",
-                         lon_box="120,150", validation_lat_box="-15,-12", train_time="1860,2000")
+    argv = to_argv(finetune_config(["x.nc"], model="m", output_dir="o", variable=["air_temperature=tas"],
+                                   lat_box="-20,-10", lon_box="120,150", validation_lat_box="-15,-12",
+                                   train_time="1860,2000"))
     cfg = parse_args(argv)
     assert cfg.lat_box == [-20.0, -10.0] and cfg.validation_lat_box == [-15.0, -12.0] and cfg.lon_box == [120.0, 150.0]
     assert cfg.variable_map == {"air_temperature": "tas"} and cfg.train_time == ["1860", "2000"] and cfg.init_from == "m"
+
+
+def test_a_validation_box_is_masked_out_of_the_loss_not_written_into_the_data():
+    from dpdm_diffusers.device_patches import DevicePatchSampler
+
+    ds = region_dataset(ny=16, nx=32, units="K", offset=0.0, name="tas").isel(time=[0, 1])
+    pairs = data.make_pairs(ds, scale_factor=4)
+    nz = Normalizer.from_config({**STATS, "prediction": "residual"})
+    keep = np.ones((16, 32), dtype=bool)
+    keep[4:12, 8:16] = False  # the box
+    fields = normalize_fields(pairs.high_res, pairs.lerp(), nz, loss_mask=keep)
+    assert np.isfinite(fields.target).all()  # the data are left as they are
+    dataset = RandomPatchDataset(fields, 16, seed=0)
+    sampler = DevicePatchSampler(dataset, 8, "cpu")
+    batches = [dataset[i] for i in range(len(dataset))] + [sampler.batch(0)]
+    for item in batches:
+        mask, target = item["mask"].numpy(), item["target"].numpy()
+        xs = np.asarray(item["x"]).reshape(-1)
+        for k, x0 in enumerate(xs):  # the 16 x 16 patch spans every row; columns x0 .. x0 + 15
+            m = mask.reshape(-1, 1, 16, 16)[k, 0]
+            t = target.reshape(-1, 1, 16, 16)[k, 0]
+            cols = np.arange(x0, x0 + 16)
+            inside = (cols >= 8) & (cols < 16)
+            assert not m[4:12][:, inside].any() and m[:4].all() and m[12:].all() and m[:, ~inside].all()
+            assert (t[4:12][:, inside] == 0).all()  # zero where masked: never an input to the UNet either
+
+
+def test_finetune_runs_from_python_and_from_the_cli_with_the_base_models_objective(region_file, tmp_path):
+    import shlex
+
+    from dpdm_diffusers.training.config import parse_args
+    from dpdm_diffusers.training.finetune import finetune
+
+    torch.manual_seed(0)
+    DownscalingPipeline(unet=build_unet(1, 0, 16, "tiny"), scheduler=default_sampler(), objective="regression",
+                        **STATS).save_pretrained(tmp_path / "reg")
+    small = dict(lr_warmup_steps=0, validation_members=2, validation_inference_steps=2, validation_steps=0,
+                 checkpointing_steps=0)
+    out = finetune([str(region_file)], output_dir=tmp_path / "py", model=str(tmp_path / "reg"), steps=2, batch_size=4,
+                   variable=["air_temperature=tas"], train_time="1990,1997", validation_time="1998,1999", **small)
+    assert DownscalingPipeline.from_pretrained(out).config.objective == "regression"  # read off the base model
+    assert np.isfinite(json.loads((out / "training_summary.json").read_text())["val_rmse_mean"])
+    config = tmp_path / "small.yaml"
+    config.write_text("".join(f"{k}: {v}\n" for k, v in small.items()))
+    res = runner.invoke(app, ["finetune", str(region_file), "-o", str(tmp_path / "cli"), "--model", str(tmp_path / "reg"),
+                              "--variable", "air_temperature=tas", "--steps", "1", "--batch-size", "4",
+                              "--validation-time", "1998,1999", "--config", str(config)])
+    assert res.exit_code == 0, res.output
+    printed = next(line for line in res.output.splitlines() if line.startswith("dpdm finetune runs: "))
+    cfg = parse_args(shlex.split(printed)[6:])  # the printed command rebuilds the config that ran
+    assert cfg.objective == "regression" and cfg.validation_members == 2 and cfg.max_train_steps == 1
+    assert cfg.variable_map == {"air_temperature": "tas"} and cfg.validation_time == ["1998", "1999"]
+    assert (tmp_path / "cli" / "model_index.json").exists()

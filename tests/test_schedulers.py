@@ -25,7 +25,7 @@ def shipped():
     bench = load_glosea4_benchmark()
     _, low = bench.split("test")
     # East Asia, one field: 12 x 8 coarse cells, one 64-px tile
-    low = low.isel(member=[0], time=[0]).rename(member="realization").sel(lat=slice(0, 60), lon=slice(90, 150))
+    low = low.isel(realization=[0], time=[0]).sel(lat=slice(0, 60), lon=slice(90, 150))
     return pipe, low
 
 

@@ -163,3 +163,13 @@ def test_real_static_fields_regional_grid_and_cache():
     assert at(35.36, 138.73, "topography") > 800      # Mt Fuji (5-arcmin mean of the source)
     assert at(40, 135, "topography") == 0 and at(40, 135, "land_sea_mask") == 0  # Sea of Japan
     assert first["topography"].values.max() > 4500    # eastern Tibetan Plateau
+
+
+def test_the_pipeline_takes_static_fields_as_a_dataset(pipe, low_res, static):
+    """Callers pass get_static_fields' Dataset as it is: no ``{k: ds[k] for k in ds.data_vars}`` needed."""
+    import torch
+
+    def run(s):
+        return pipe(low_res, static_fields=s, num_inference_steps=1, generator=torch.Generator().manual_seed(0)).members
+
+    np.testing.assert_array_equal(run(xr.Dataset(static)).tas.values, run(static).tas.values)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import xarray as xr
 
-from dpdm_diffusers.statistics import apply_transform, compute_statistics, default_transform, static_statistics
+from dpdm_diffusers.statistics import compute_statistics, default_transform, static_statistics
 from dpdm_diffusers.transforms import Normalizer, forward_transform
 
 CONFIG_KEYS = {"variables", "units", "transforms", "norm_mean", "norm_std", "residual_std",
@@ -40,7 +40,7 @@ TRAIN = {"time": slice("2001-01", "2001-06")}
 
 
 def numpy_stats(h, l, transform):
-    th, tl = apply_transform(h, transform), apply_transform(l, transform)
+    th, tl = forward_transform(h, transform), forward_transform(l, transform)
     mean, std = np.nanmean(th), np.nanstd(th)
     return mean, std, np.nanstd((th - tl) / std)
 
@@ -73,15 +73,20 @@ def test_model_space_of_training_data_is_standardised(pair):
         assert abs(float(r[:, k].std(unbiased=False)) - 1) < 1e-6
 
 
-def test_log1p_matches_the_pipeline_transform_and_default_by_name():
-    x = np.array([-0.5, 0.0, 0.3, 12.0])
-    np.testing.assert_allclose(apply_transform(x, "log1p"), forward_transform(torch.from_numpy(x), "log1p").numpy())
+def test_log1p_is_one_transform_for_tensors_and_lazy_arrays_and_default_by_name():
+    x = np.array([-0.5, 0.0, 0.3, 12.0, np.nan])
+    want = np.log1p(np.maximum(x, 0))  # clipped at 0; NaN stays NaN
+    np.testing.assert_allclose(forward_transform(torch.from_numpy(x), "log1p").numpy(), want)
+    np.testing.assert_allclose(forward_transform(x, "log1p"), want)
+    lazy = forward_transform(xr.DataArray(x, dims="i").chunk(2), "log1p")
+    assert lazy.chunks is not None and isinstance(lazy, xr.DataArray)  # statistics stay one lazy dask graph
+    np.testing.assert_allclose(lazy.values, want)
     assert default_transform("tp") == "log1p" and default_transform("pr") == "log1p"
     assert default_transform("x", {"standard_name": "precipitation_flux"}) == "log1p"
     assert default_transform("t2m") == "identity" and default_transform("sp") == "identity"
     assert default_transform("tpw") == "identity"  # precipitable water is not precipitation
     with pytest.raises(ValueError):
-        apply_transform(x, "sqrt")
+        forward_transform(x, "sqrt")
 
 
 def test_missing_values_are_ignored_not_zero(pair):

@@ -19,7 +19,8 @@ import xarray as xr
 from safetensors.torch import load_file
 
 from dpdm_diffusers import DownscalingPipeline
-from dpdm_diffusers.training.train_dpdm import COMPLETE_MARKER, list_checkpoints, main
+from dpdm_diffusers.training.checkpoints import COMPLETE_MARKER, list_checkpoints
+from dpdm_diffusers.training.train_dpdm import main
 
 
 @pytest.fixture(scope="module")
@@ -154,6 +155,7 @@ def test_fine_tune_from_a_saved_model_keeps_or_recomputes_statistics(high_res_fi
     assert DownscalingPipeline.from_pretrained(redo).config.norm_mean[0] == pytest.approx(base_cfg.norm_mean[0] + 10, abs=0.01)
 
 
+@pytest.mark.heavy
 def test_sigkill_mid_run_then_resume_reaches_the_final_step(high_res_file, tmp_path):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "dpdm_diffusers.training.train_dpdm",
@@ -187,6 +189,7 @@ def test_sigkill_mid_run_then_resume_reaches_the_final_step(high_res_file, tmp_p
     assert DownscalingPipeline.from_pretrained(result).config.variables == ["tas"]
 
 
+@pytest.mark.heavy
 def test_two_cpu_processes_see_different_data_and_save_one_model(high_res_file, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
@@ -246,7 +249,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(high_res_fil
 
 
 def test_training_options_are_type_checked_by_pydantic(tmp_path, capsys):
-    from dpdm_diffusers.training.train_dpdm import parse_args
+    from dpdm_diffusers.training.config import parse_args
 
     good = tmp_path / "good.yaml"
     good.write_text("learning_rate: 1e-4\nuse_ema: 'false'\nmax_train_steps: 10\n")  # PyYAML reads 1e-4 as a string
@@ -261,3 +264,40 @@ def test_training_options_are_type_checked_by_pydantic(tmp_path, capsys):
         with pytest.raises(SystemExit):
             parse_args(["--config", str(bad)])
         assert message in capsys.readouterr().err
+
+
+def test_a_config_built_in_python_renders_the_command_that_rebuilds_it():
+    from dpdm_diffusers.training.config import TrainingConfig, parse_args, render_command, to_argv
+
+    cfg = TrainingConfig(high_res=["a.nc", "b*.nc"], variable_map={"t2m": "tas"}, lat_box=[-20.0, -10.5],
+                         static_channels=[], checkpoints_total_limit=None, use_ema=False, learning_rate=2e-5,
+                         output_dir="my runs/x")
+    assert parse_args(to_argv(cfg)) == cfg
+    assert to_argv(TrainingConfig()) == []  # defaults are left out
+    command = render_command(cfg)
+    assert command.startswith("python -m dpdm_diffusers.training.train_dpdm ") and "--lat_box=-20.0,-10.5" in command
+    assert "'my runs/x'" in command
+
+
+def test_validation_scores_pool_variables_in_units_of_their_norm_std():
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_low_res, make_pipeline
+
+    from dpdm_diffusers.data import coarsen
+    from dpdm_diffusers.training.config import TrainingConfig
+    from dpdm_diffusers.training.validation import validate
+
+    pipe = make_pipeline(variables=("tas", "tas2"), static=())
+    truth = make_low_res(nlat=16, nlon=16, ntime=2, step=0.25, variables=("tas", "tas2")).rename(time="sample")
+    truth = truth.drop_vars("sample")
+    cfg = TrainingConfig(validation_members=2, validation_inference_steps=1)
+    scores = validate(pipe, (coarsen(truth, 4), truth, None), cfg, seed=0)
+    for name in ("mean", "lerp", "member0", "ratio"):
+        assert {f"val_rmse_{name}", f"val_rmse_{name}/tas", f"val_rmse_{name}/tas2"} <= set(scores)
+    for name in ("mean", "lerp", "member0"):  # both variables have norm_std 10 and no missing points
+        per_var = [scores[f"val_rmse_{name}/{v}"] / 10.0 for v in ("tas", "tas2")]
+        assert scores[f"val_rmse_{name}"] == pytest.approx(np.sqrt(np.mean(np.square(per_var))), rel=1e-5)
+    one = make_pipeline(variables=("tas",), static=())
+    single = validate(one, (coarsen(truth[["tas"]], 4), truth[["tas"]], None), cfg, seed=0)
+    assert set(single) == {"val_rmse_mean", "val_rmse_lerp", "val_rmse_member0", "val_rmse_ratio"}  # in K, as before
+    assert single["val_rmse_lerp"] == pytest.approx(scores["val_rmse_lerp/tas"])

@@ -1,0 +1,238 @@
+"""What each ``dpdm`` command does, as library functions that a test (or a notebook) calls without the CLI.
+
+The command line (:mod:`dpdm_diffusers.cli`) only parses options, calls one of these and prints the result;
+``dpdm finetune`` is :func:`dpdm_diffusers.training.finetune.finetune_config` plus the training run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODEL = REPO_ROOT / "models" / "dpdm-glosea4-ts-x4"
+DEFAULT_REGRESSION = REPO_ROOT / "models" / "regression-glosea4-ts-x4"
+BENCHMARKS = ("glosea4-ts-x4",)
+
+
+def check_benchmark(benchmark: str) -> None:
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; available: {', '.join(BENCHMARKS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# dpdm downscale
+# ----------------------------------------------------------------------------------------------
+def open_low_res(path: str | os.PathLike, variables: Sequence[str], variable_map: Mapping[str, str] | None = None):
+    """A low-res file (netCDF or zarr, opened lazily) with lat/lon/time standardised and only the model's
+    ``variables`` kept, in your names (``variable_map``: yours -> the model's)."""
+    import xarray as xr
+
+    from dpdm_diffusers.data import standardize
+    from dpdm_diffusers.naming import apply_variable_map
+
+    path = Path(path)
+    ds = standardize(xr.open_dataset(path, engine="zarr" if path.suffix == ".zarr" else None, chunks={}))
+    try:
+        _, rename_back = apply_variable_map(ds, variable_map, variables)
+    except KeyError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return ds[[rename_back.get(v, v) for v in variables]]
+
+
+def static_from_file(path: str | os.PathLike, grid, channels: Sequence[str],
+                     static_map: Mapping[str, str] | None = None) -> dict:
+    """The model's static ``channels`` on ``grid``, area-averaged from one file of yours (any regular grid);
+    ``static_map`` maps the file's variable names to channels (``{"orog": "topography"}``)."""
+    import xarray as xr
+
+    from dpdm_diffusers.static_fields import get_static_fields
+
+    sources = {c: xr.open_dataset(path) for c in channels}
+    return dict(get_static_fields(grid, list(channels), sources=sources, rename=dict(static_map or {})).data_vars)
+
+
+def downscale_file(
+    input: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    model: str = str(DEFAULT_MODEL),
+    num_members: int = 10,
+    num_inference_steps: int = 10,
+    scheduler: str = "dpmsolver++",
+    seed: int = 0,
+    chunk_size: int = 12,
+    write_members: bool = True,
+    stats: bool = True,
+    tiles_per_call: int | None = None,
+    conserve: bool = False,
+    static: str | os.PathLike | None = None,
+    variable_map: Mapping[str, str] | None = None,
+    static_map: Mapping[str, str] | None = None,
+    device: str = "auto",
+    dtype: str = "fp32",
+    channels_last: bool = True,
+    compile: bool = False,
+    threads: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+):
+    """``dpdm downscale``: stream a low-res file through a model into ``output`` (resumable, multi-process); see
+    :func:`dpdm_diffusers.reconstruct.reconstruct`. Returns its :class:`~dpdm_diffusers.reconstruct.
+    ReconstructionResult`."""
+    from dpdm_diffusers import DownscalingPipeline
+    from dpdm_diffusers.evaluation import set_scheduler
+    from dpdm_diffusers.grids import Grid
+    from dpdm_diffusers.reconstruct import process_state, reconstruct
+    from dpdm_diffusers.speed import apply_fast_paths
+
+    if Path(output).exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass --overwrite to replace it.")
+    dev = process_state().device if device == "auto" else device
+    pipe = set_scheduler(DownscalingPipeline.from_pretrained(model), scheduler)
+    apply_fast_paths(pipe, device=dev, dtype=dtype, channels_last=channels_last, compile=compile, threads=threads)
+    ds = open_low_res(input, list(pipe.config.variables), variable_map)
+    static_fields = None
+    if static is not None:
+        grid = Grid.from_xarray(ds).refine(pipe.config.scale_factor)
+        static_fields = static_from_file(static, grid, list(pipe.config.static_channels), static_map)
+    return reconstruct(pipe, ds, output, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
+                       chunk_size=chunk_size, static_fields=static_fields, variable_map=variable_map,
+                       tiles_per_call=tiles_per_call, members=write_members, stats=stats, overwrite=overwrite,
+                       progress=progress, model_id=model, conserve=conserve)
+
+
+# ----------------------------------------------------------------------------------------------
+# dpdm evaluate
+# ----------------------------------------------------------------------------------------------
+def evaluate_benchmark(model: str = str(DEFAULT_MODEL), *, benchmark: str = "glosea4-ts-x4",
+                       members: Sequence[int] = (1, 10), baselines: Sequence[str] = (),
+                       regression_model: str | None = str(DEFAULT_REGRESSION), **kwargs):
+    """``dpdm evaluate``: the benchmark's table (RMSE/ACC/SSIM/PSNR, CRPS, spread-skill per region) for ``model``
+    beside the named ``baselines`` (:data:`dpdm_diffusers.evaluation.BASELINES` and ``"regression"``, which scores
+    ``regression_model`` when it is a local folder or a Hub id). Other options go to
+    :func:`dpdm_diffusers.evaluation.evaluate_glosea4`."""
+    from dpdm_diffusers.evaluation import BASELINES, evaluate_glosea4
+
+    check_benchmark(benchmark)
+    allowed = {*BASELINES, "regression"}
+    unknown = sorted(set(baselines) - allowed)
+    if unknown:
+        raise ValueError(f"unknown baselines {unknown}; use {', '.join(sorted(allowed))}")
+    reg = None
+    if "regression" in baselines and regression_model:
+        looks_like_hub_id = regression_model.count("/") == 1 and not regression_model.startswith((".", "/"))
+        reg = regression_model if Path(regression_model).exists() or looks_like_hub_id else None  # else: skipped
+    return evaluate_glosea4(model, members=list(members), baselines=[b for b in baselines if b != "regression"],
+                            regression_model=reg, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# dpdm calibrate
+# ----------------------------------------------------------------------------------------------
+def calibration_data(pipe, high_res: Sequence[str] | None = None, *, benchmark: str = "glosea4-ts-x4",
+                     validation_time: Sequence[str] = (), variable_map: Mapping[str, str] | None = None,
+                     lat_box: Sequence[float] = (), lon_box: Sequence[float] = (), low_res: Sequence[str] = (),
+                     max_samples: int = 16):
+    """``(low, truth, static_fields)`` to calibrate ``pipe``'s spread on: your high-res files (all of them, or
+    ``validation_time``; block means unless a real ``low_res`` source is given), or the benchmark's validation
+    split when no files are given."""
+    if not high_res:
+        from dpdm_diffusers.glosea4 import load_glosea4_benchmark
+
+        check_benchmark(benchmark)
+        bench = load_glosea4_benchmark()
+        truth, low = bench.split("validation")
+        return low, truth, bench.static
+
+    import warnings
+
+    from dpdm_diffusers.user_data import load_region, validation_inputs
+
+    cfg = pipe.config
+    with warnings.catch_warnings():  # "no validation split" is not news here: all of the files is the split
+        warnings.simplefilter("ignore", UserWarning)
+        region = load_region(
+            list(high_res), scale_factor=cfg.scale_factor, low_res=list(low_res) or None,
+            variables=list(cfg.variables), variable_map=dict(variable_map or {}),
+            units=dict(zip(cfg.variables, cfg.units)), lat_box=list(lat_box), lon_box=list(lon_box),
+            static_channels=list(cfg.static_channels), validation_time=list(validation_time),
+        )
+    if region.validation is None:
+        region.validation = {}  # every field of the files
+    return validation_inputs(region, max_samples)
+
+
+def calibrate_model(model: str = str(DEFAULT_MODEL), high_res: Sequence[str] | None = None, *, num_members: int = 8,
+                    num_inference_steps: int = 10, target: str = "ssr", seed: int = 0, write: bool = False,
+                    **data_options) -> dict:
+    """``dpdm calibrate``: the factor on a two-stage model's ``stochastic_std`` that gives spread-skill 1 (``ssr``)
+    or the lowest fair CRPS (``crps``) on validation data (:func:`calibration_data` takes ``data_options``).
+    With ``write``, the calibrated ``stochastic_std`` is stored in the folder's ``model_index.json`` (returned as
+    ``"written"``)."""
+    from dpdm_diffusers import DownscalingPipeline
+    from dpdm_diffusers.calibration import calibrate_spread, write_stochastic_std
+
+    if not Path(model).exists() and write:
+        raise FileNotFoundError(f"{model} is not a local pipeline folder; --write needs one.")
+    pipe = DownscalingPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    low, truth, static = calibration_data(pipe, high_res, **data_options)
+    res = calibrate_spread(pipe, low, truth, static_fields=static, num_members=num_members,
+                           num_inference_steps=num_inference_steps, seed=seed, target=target)
+    if write:
+        res["written"] = str(write_stochastic_std(model, res["stochastic_std"]))
+    return res
+
+
+# ----------------------------------------------------------------------------------------------
+# dpdm demo
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DemoResult:
+    markdown: str
+    netcdf: Path
+    figure: Path
+    seconds: float
+    pipeline_seconds: float
+    fields: int
+
+
+def run_demo(model: str = str(DEFAULT_MODEL), *, num_members: int = 10, num_inference_steps: int = 10,
+             scheduler: str = "dpmsolver++", out_dir: str | os.PathLike = "outputs",
+             max_fields: int | None = None) -> DemoResult:
+    """``dpdm demo``: downscale the held-out GloSea4 test month with a local model, score it per region against
+    Lerp (and the shipped regression baseline), and write ``demo.nc`` (members, mean, spread, truth, Lerp) and
+    ``demo.png`` (maps of one field) to ``out_dir``."""
+    from dpdm_diffusers import plots
+    from dpdm_diffusers.evaluation import evaluate_glosea4
+    from dpdm_diffusers.io import write_dataset
+
+    t0 = time.perf_counter()
+    if not Path(model).exists():
+        raise FileNotFoundError(f"model folder {model} not found (the demo runs offline on a local folder)")
+    out_dir = Path(out_dir)
+    reg = str(DEFAULT_REGRESSION) if DEFAULT_REGRESSION.exists() else None
+    result = evaluate_glosea4(model, members=(1, num_members), baselines=("lerp",), regression_model=reg,
+                              scheduler=scheduler, num_inference_steps=num_inference_steps, max_fields=max_fields,
+                              regions=("global", "east_asia", "gulf_coast", "northern_australia"))
+    ens = result.members
+    ds = ens.to_dataset(name="surface_temperature")
+    ds["surface_temperature_mean"] = ens.mean("member").assign_attrs(ens.attrs, cell_methods="member: mean")
+    ds["surface_temperature_std"] = ens.std("member", ddof=1).assign_attrs(
+        units="K", cell_methods="member: standard_deviation")
+    ds["truth"] = result.truth
+    ds["lerp"] = result.lerp
+    nc = write_dataset(ds, out_dir / "demo.nc", overwrite=True)
+    one = dict(realization=0, time=0)
+    png = plots.plot_maps(
+        result.truth.isel(one), result.lerp.isel(one), ens.isel(member=0, **one), ens.isel(**one).mean("member"),
+        ens.isel(**one).std("member", ddof=1), out_dir / "demo.png",
+        title=f"GloSea4 surface temperature 2012-01: DPDM x4, {num_members} members", units="K",
+        land_fraction=result.land_fraction,
+    )
+    return DemoResult(markdown=result.markdown, netcdf=Path(nc), figure=Path(png), seconds=time.perf_counter() - t0,
+                      pipeline_seconds=result.timings["pipeline_s"], fields=result.config["fields"])
