@@ -25,6 +25,7 @@ from dpdm_diffusers import metrics
 from dpdm_diffusers.transforms import forward_transform, inverse_transform
 
 DEFAULT_FACTORS = tuple(np.round(np.geomspace(0.5, 4.0, 31), 4))
+MAX_WIDENING = 8  # rounds of widening a pinned search: x2^8 (about 0.002 .. 1000 from the default range)
 
 
 def _as_dataset(obj, variables) -> xr.Dataset:
@@ -62,7 +63,12 @@ def calibrate_spread(
             carries a calibration measured elsewhere to data the model was trained on
             (:func:`transfer_spread`).
 
-    Returns a dict with ``factor``, the new ``stochastic_std``, and ``crps``/``ssr`` per factor (``curve``).
+    Each variable gets its own factor; a search whose best factor is at an edge widens its range rather than
+    pin there, and warns (``pinned``) if it still is.
+
+    Returns a dict with ``factors`` (per variable; ``factor`` is their geometric mean), the new ``stochastic_std``,
+    ``crps``/``ssr`` before and after (pooled over variables in units of each one's spread over the truth),
+    ``per_variable`` scores in each variable's own units with their search ``curve``, and ``curve`` (one variable).
     The pipeline is not changed: apply with ``pipe.register_to_config(stochastic_std=result["stochastic_std"])``.
     """
     if pipe.regression_unet is None:
@@ -79,36 +85,69 @@ def calibrate_spread(
         return forward_transform(torch.from_numpy(np.asarray(da.values, dtype=np.float64)), name).numpy()
 
     spaces = {v: (to_t(members[v], t), to_t(center[v], t)) for v, t in zip(variables, transforms)}
-    curve = []
-    for k in factors:
-        crps, ssr = [], []
-        for v, t in zip(variables, transforms):
-            m, c = spaces[v]
-            scaled = inverse_transform(torch.from_numpy(c + k * (m - c)), t).numpy()
-            ens = members[v].copy(data=scaled.astype(np.float32))
-            crps.append(float(metrics.crps(ens, truth[v], members_dim=member_dim)))
-            ssr.append(float(metrics.spread_skill_ratio(ens, truth[v], members_dim=member_dim)))
-        curve.append({"factor": float(k), "crps": float(np.mean(crps)), "ssr": float(np.mean(ssr))})
     if target not in ("crps", "ssr"):
         raise ValueError(f"Unknown calibration target {target!r}; use 'crps' or 'ssr'.")
-    if target == "crps":
-        best = min(curve, key=lambda r: r["crps"])
-    else:
-        if not target_ssr > 0:
-            raise ValueError(f"target_ssr must be positive, got {target_ssr}.")
-        best = min(curve, key=lambda r: abs(np.log(r["ssr"] / target_ssr)) if r["ssr"] > 0 else np.inf)
-    one = min(curve, key=lambda r: abs(r["factor"] - 1.0))
-    if len(factors) > 1 and best["factor"] in (min(factors), max(factors)):
+    if target == "ssr" and not target_ssr > 0:
+        raise ValueError(f"target_ssr must be positive, got {target_ssr}.")
+
+    def score(v, t, k) -> dict:
+        m, c = spaces[v]
+        ens = members[v].copy(data=inverse_transform(torch.from_numpy(c + k * (m - c)), t).numpy().astype(np.float32))
+        return {"factor": float(k), "crps": float(metrics.crps(ens, truth[v], members_dim=member_dim)),
+                "ssr": float(metrics.spread_skill_ratio(ens, truth[v], members_dim=member_dim))}
+
+    def pick(curve):
+        if target == "crps":
+            return min(curve, key=lambda r: r["crps"])
+        return min(curve, key=lambda r: abs(np.log(r["ssr"] / target_ssr)) if r["ssr"] > 0 else np.inf)
+
+    # each variable its own factor (members are linear in it per variable); a best factor at the edge of the range
+    # widens the range (x2 per round, up to MAX_WIDENING) instead of silently pinning there
+    per_variable, pinned = {}, []
+    for v, t in zip(variables, transforms):
+        grid = sorted(float(k) for k in factors)
+        curve = [score(v, t, k) for k in grid]
+        for _ in range(MAX_WIDENING if len(grid) > 1 else 0):
+            best = pick(curve)
+            if best["factor"] == grid[0]:
+                extra = [grid[0] * f for f in (0.5, 0.7071)]
+            elif best["factor"] == grid[-1]:
+                extra = [grid[-1] * f for f in (1.4142, 2.0)]
+            else:
+                break
+            curve = sorted(curve + [score(v, t, k) for k in extra], key=lambda r: r["factor"])
+            grid = [r["factor"] for r in curve]
+        best, one = pick(curve), min(curve, key=lambda r: abs(r["factor"] - 1.0))
+        at_edge = len(grid) > 1 and best["factor"] in (grid[0], grid[-1])
+        if at_edge:
+            pinned.append(v)
+        per_variable[v] = {"factor": best["factor"], "crps": best["crps"], "ssr": best["ssr"],
+                          "crps_uncalibrated": one["crps"], "ssr_uncalibrated": one["ssr"], "at_edge": at_edge,
+                          "curve": curve}
+    if pinned:
         import warnings
 
-        warnings.warn(f"The best spread factor {best['factor']} is at the edge of the searched range; widen `factors`.",
-                      stacklevel=2)
+        warnings.warn(f"The spread factor of {pinned} is at the edge of the searched range even after widening it to "
+                      f"{[per_variable[v]['factor'] for v in pinned]}: the spread cannot be calibrated there (is the "
+                      "ensemble collapsed, or the validation data unlike the training data?).", stacklevel=2)
+    # pooled over variables: CRPS in units of each variable's spread over the truth, so no unit dominates
+    scale = {v: (float(truth[v].std()) or 1.0) if len(variables) > 1 else 1.0 for v in variables}
+
+    def pooled(key):
+        if key.startswith("crps"):
+            return float(np.mean([per_variable[v][key] / scale[v] for v in variables]))
+        return float(np.mean([per_variable[v][key] for v in variables]))
+
+    chosen = [per_variable[v]["factor"] for v in variables]
     return {
-        "factor": best["factor"],
-        "stochastic_std": [float(s) * best["factor"] for s in cfg.stochastic_std],
-        "crps": best["crps"], "ssr": best["ssr"], "crps_uncalibrated": one["crps"], "ssr_uncalibrated": one["ssr"],
+        "factor": float(np.exp(np.mean(np.log(chosen)))),  # the geometric mean: one number for a log line
+        "factors": dict(zip(variables, chosen)),
+        "stochastic_std": [float(s) * k for s, k in zip(cfg.stochastic_std, chosen)],
+        "crps": pooled("crps"), "ssr": pooled("ssr"), "crps_uncalibrated": pooled("crps_uncalibrated"),
+        "ssr_uncalibrated": pooled("ssr_uncalibrated"), "per_variable": per_variable, "pinned": pinned,
         "num_members": num_members, "num_inference_steps": num_inference_steps, "target": target,
-        "target_ssr": target_ssr if target == "ssr" else None, "curve": curve,
+        "target_ssr": target_ssr if target == "ssr" else None,
+        "curve": per_variable[variables[0]]["curve"] if len(variables) == 1 else None,
     }
 
 

@@ -95,31 +95,69 @@ def downscale(
 
 @app.command()
 def evaluate(
+    truth: list[str] = typer.Option([], "--truth", help="Your high-res files to score against (netCDF/zarr, globs "
+                                    "allowed; repeatable). Without them: the --benchmark."),
     model: str = typer.Option(str(DEFAULT_MODEL), help="Pipeline folder or Hub id."),
-    benchmark: str = typer.Option("glosea4-ts-x4", help="Benchmark name (glosea4-ts-x4)."),
+    benchmark: str = typer.Option("glosea4-ts-x4", help="Benchmark name (glosea4-ts-x4), when no --truth is given."),
     members: str = typer.Option("1,10", help="Ensemble sizes to score, e.g. 1,10,33."),
-    baselines: str = typer.Option("lerp,bicubic,lerp_lapse,bicubic_lapse,regression",
-                                  help="lerp, bicubic, lerp_lapse, bicubic_lapse (+ 6.5 K/km lapse rate), regression."),
-    regression_model: str = typer.Option(str(DEFAULT_REGRESSION), help="Deterministic baseline (folder or Hub id)."),
+    baselines: str | None = typer.Option(None, help="Benchmark: lerp, bicubic, lerp_lapse, bicubic_lapse, regression "
+                                         "(default all); --truth: bilinear, bicubic, regression (default all)."),
+    regression_model: str = typer.Option(str(DEFAULT_REGRESSION), help="Benchmark: deterministic baseline."),
+    low_res: list[str] = typer.Option([], "--low-res", help="With --truth: a real low-res source (default: block "
+                                      "means of the truth)."),
+    variable: list[str] = typer.Option([], "--variable", help="With --truth: your name = the model's, e.g. t2m=2t."),
+    unit: list[str] = typer.Option([], "--unit", help="With --truth: units of a variable whose file has none (or to "
+                                   "convert to), e.g. tp=mm."),
+    static: list[str] = typer.Option([], "--static", help="With --truth: static file per channel, e.g. "
+                                     "topography=orog.nc (default: packaged global data)."),
+    static_map: list[str] = typer.Option([], "--static-map", help="With --truth: name in a --static file = channel."),
+    regular_grid: bool = typer.Option(False, help="With --truth: put Gaussian latitudes on a regular grid."),
+    lat_box: str | None = typer.Option(None, help="With --truth: region south,north."),
+    lon_box: str | None = typer.Option(None, help="With --truth: region west,east (your longitude convention)."),
+    time: str | None = typer.Option(None, help="With --truth: period start,end."),
+    wet_thresholds: str = typer.Option("0.1,1,10", help="With --truth: precipitation wet thresholds (its units)."),
     scheduler: str = typer.Option("dpmsolver++", help="Sampler."),
     steps: int = typer.Option(10, min=1, help="Denoising steps."),
     seed: int = typer.Option(0),
-    max_fields: int | None = typer.Option(None, help="Score only the first N test realizations (quick runs)."),
+    max_fields: int | None = typer.Option(None, help="Benchmark: score only the first N test realizations."),
     out_dir: Path = typer.Option(Path("outputs/evaluation"), help="Folder for the markdown, JSON and PNG files."),
-    conservation: bool = typer.Option(True, "--conservation/--no-conservation", help="Also score every row made to coarsen back to the input."),
+    conservation: bool = typer.Option(True, "--conservation/--no-conservation", help="Benchmark: also score every row made to coarsen back to the input."),
 ):
-    """Table 1 of the paper (RMSE/ACC/SSIM/PSNR) plus CRPS and spread-skill, per region, with figures."""
+    """Score a model: on your own paired files (--truth), or on the benchmark. Per variable in its own units: the
+    paper's Table 1 (RMSE/ACC/SSIM/PSNR), CRPS, spread-skill, rank histograms; precipitation's wet fraction,
+    percentiles, total and negatives; cross-variable consistency."""
+    from dpdm_diffusers.data import parse_mapping
+
+    command = "dpdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    split = lambda text: [b.strip() for b in text.split(",") if b.strip()]  # noqa: E731
+    if truth:
+        from dpdm_diffusers.file_evaluation import evaluate_files, write_scores
+
+        try:
+            scores = evaluate_files(
+                model, truth, low_res=low_res, variable_map=parse_mapping(variable), units=parse_mapping(unit),
+                static_files=parse_mapping(static), static_map=parse_mapping(static_map), regular_grid=regular_grid,
+                lat_box=_pair(lat_box, "--lat-box"), lon_box=_pair(lon_box, "--lon-box"),
+                time=_pair(time, "--time"), members=_ints(members), num_inference_steps=steps, seed=seed,
+                wet_thresholds=[float(x) for x in split(wet_thresholds)],
+                baselines=split(baselines) if baselines else ("bilinear", "bicubic", "regression"))
+        except (KeyError, ValueError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err).strip("'\"")) from None
+        path = write_scores(scores, out_dir, "scores", command=command)
+        typer.echo(scores.markdown())
+        typer.echo(f"\nwrote {path} and {path.with_suffix('.json')}")
+        return
     from dpdm_diffusers.evaluation import write_report
     from dpdm_diffusers.workflows import evaluate_benchmark
 
     try:
         result = evaluate_benchmark(
             model, benchmark=benchmark, members=_ints(members), regression_model=regression_model,
-            baselines=[b.strip() for b in baselines.split(",") if b.strip()], scheduler=scheduler,
+            baselines=split(baselines or "lerp,bicubic,lerp_lapse,bicubic_lapse,regression"), scheduler=scheduler,
             num_inference_steps=steps, seed=seed, max_fields=max_fields, conservation=conservation)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
-    figs = write_report(result, out_dir, command="dpdm " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    figs = write_report(result, out_dir, command=command)
     typer.echo(result.markdown)
     typer.echo(f"\nwrote {out_dir}/quality_glosea4.md, .json and figures: {', '.join(figs.values())}")
 
@@ -230,6 +268,68 @@ def finetune(
     except (KeyError, ValueError) as err:
         raise typer.BadParameter(str(err).strip("'\"")) from None
     typer.echo(f"fine-tuned model in {out}")
+
+
+@app.command()
+def train(
+    high_res: list[str] = typer.Argument(..., help="Your high-res files: netCDF or zarr, globs allowed (quote them)."),
+    output_dir: Path = typer.Option(..., "--output-dir", "-o", help="Folder of the new model (checkpoints too)."),
+    variables: str | None = typer.Option(None, help="Variables to downscale, e.g. 2t,10u,10v,sp,tp (default: all)."),
+    unit: list[str] = typer.Option([], "--unit", help="Units of a variable whose file has none, or to convert to, "
+                                   "e.g. tp=mm (repeatable)."),
+    objective: str = typer.Option("two-stage", help="two-stage (regression mean + residual diffusion), diffusion or "
+                                  "regression."),
+    static: list[str] = typer.Option([], "--static", help="Static field file per channel, e.g. topography=orog.nc "
+                                     "(default: packaged global data)."),
+    static_map: list[str] = typer.Option([], "--static-map", help="Name in a --static file = channel, e.g. "
+                                         "orog=topography."),
+    low_res: list[str] = typer.Option([], "--low-res", help="A real low-res source (default: block means)."),
+    scale_factor: int = typer.Option(4, min=1, help="Grid refinement (block size of the low-res)."),
+    train_time: str | None = typer.Option(None, help="Training period start,end (inclusive)."),
+    validation_time: str | None = typer.Option(None, help="Validation period start,end: scores, spread calibration."),
+    lat_box: str | None = typer.Option(None, help="Region south,north."),
+    lon_box: str | None = typer.Option(None, help="Region west,east (your longitude convention is kept)."),
+    validation_lat_box: str | None = typer.Option(None, help="Spatial validation box south,north (few time steps)."),
+    validation_lon_box: str | None = typer.Option(None, help="Spatial validation box west,east."),
+    preset: str = typer.Option("fast", help="UNet size: tiny, fast, small or paper."),
+    interpolation: str | None = typer.Option(None, help="bilinear, bicubic or one per variable (default: bicubic, "
+                                             "bilinear for precipitation)."),
+    transforms: str | None = typer.Option(None, help="One per variable: identity, log1p, sqrt (default: log1p for "
+                                          "precipitation)."),
+    dry_threshold: list[str] = typer.Option([], "--dry-threshold", help="variable=amount below which output is 0 "
+                                            "(default 0.1 mm for precipitation)."),
+    steps: int = typer.Option(1000, min=1, help="Training steps (of each stage)."),
+    regression_steps: int | None = typer.Option(None, min=1, help="Steps of the regression stage (default --steps)."),
+    batch_size: int = typer.Option(16, min=1, help="Patches per step."),
+    learning_rate: float = typer.Option(2e-4, min=0.0, help="AdamW learning rate."),
+    seed: int = typer.Option(0),
+    regular_grid: bool = typer.Option(False, help="Put near-regular (e.g. Gaussian) latitudes on a regular grid."),
+    config: Path | None = typer.Option(None, exists=True, help="YAML with any other training option."),
+    resume: bool = typer.Option(False, help="Continue an interrupted run in --output-dir."),
+):
+    """Train a new model on your files in one command: a two-stage model (both stages, then its spread calibrated
+    per variable on the validation split) by default. Same as `accelerate launch -m
+    dpdm_diffusers.training.train_dpdm --two_stage true ...`, which scales to GPUs."""
+    from dpdm_diffusers.training.config import render_command
+    from dpdm_diffusers.training.finetune import train_config
+    from dpdm_diffusers.training.train_dpdm import run
+
+    split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else []  # noqa: E731
+    try:
+        cfg = train_config(
+            high_res, output_dir=output_dir, variables=split(variables), units=unit, objective=objective,
+            static=static, static_map=static_map, low_res=low_res, scale_factor=scale_factor, train_time=train_time,
+            validation_time=validation_time, lat_box=lat_box, lon_box=lon_box, validation_lat_box=validation_lat_box,
+            validation_lon_box=validation_lon_box, unet_preset=preset,
+            interpolation=(split(interpolation) if interpolation and "," in interpolation else interpolation),
+            transforms=split(transforms), dry_threshold=dry_threshold, steps=steps,
+            regression_steps=regression_steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
+            regular_grid=regular_grid, config=config, resume=resume)
+        typer.echo("dpdm train runs: " + render_command(cfg))
+        out = run(cfg)
+    except (KeyError, ValueError) as err:
+        raise typer.BadParameter(str(err).strip("'\"")) from None
+    typer.echo(f"trained model in {out}")
 
 
 @app.command()

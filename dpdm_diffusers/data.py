@@ -24,7 +24,16 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from .grids import LAT_NAMES, LON_NAMES, Grid, check_lat_lon, check_regular, interpolate, is_global_lon
+from .grids import (
+    LAT_NAMES,
+    LON_NAMES,
+    Grid,
+    check_lat_lon,
+    check_regular,
+    interpolate,
+    interpolation_methods,
+    is_global_lon,
+)
 
 __all__ = [
     "open_dataset",
@@ -89,6 +98,7 @@ def open_dataset(
     lon: tuple[float, float] | None = None,
     units: Mapping[str, str] | None = None,
     lon_convention: str | None = None,
+    regular_grid: bool = False,
     chunks=None,
     engine: str | None = None,
     **open_kwargs,
@@ -111,6 +121,8 @@ def open_dataset(
         Expected units per variable (e.g. ``{"t2m": "K"}``); a mismatch raises ``ValueError``.
     lon_convention
         ``"-180..180"`` or ``"0..360"`` to convert the longitude axis; ``None`` keeps the source's.
+    regular_grid
+        Put near-regular (e.g. Gaussian) latitudes on a regular grid (:func:`regularize`) instead of refusing them.
     chunks
         Dask chunks; ``None`` uses the on-disk chunking (``{}``), one chunk per file for many files.
     engine
@@ -134,7 +146,7 @@ def open_dataset(
             files, engine=engine, chunks=chunks, combine="by_coords", data_vars="minimal",
             coords="minimal", compat="override", join="exact", **open_kwargs,
         )
-    ds = standardize(ds, lon_convention=lon_convention)
+    ds = standardize(ds, lon_convention=lon_convention, regular_grid=regular_grid)
     if variables is not None:
         ds = select_variables(ds, variables)
     if time is not None:
@@ -330,12 +342,8 @@ def _lon_box_indices(lon: np.ndarray, west: float, east: float) -> tuple[np.ndar
     off = np.where(off >= 360.0 - tol, off - 360.0, off)
     order = np.argsort(off, kind="stable")
     inside, off = inside[order], off[order]
-    # Continuous longitudes: start from `west` expressed in -180..180, else 0..360 if that avoids a jump.
-    w = (west + 180.0) % 360.0 - 180.0
-    values = w + off
-    if values.size and values.max() > 180.0 + tol:
-        values = (w % 360.0) + off
-    return inside, values
+    # Continuous longitudes from `west` as the caller wrote it: a 230..330 box stays 230..330, -10..10 stays -10..10
+    return inside, west + off
 
 
 def select_box(obj, lat: tuple[float, float] | None = None, lon: tuple[float, float] | None = None):
@@ -343,8 +351,9 @@ def select_box(obj, lat: tuple[float, float] | None = None, lon: tuple[float, fl
 
     ``lat=(south, north)`` in any order. ``lon=(west, east)`` is read eastwards from ``west``: so
     ``(170, -170)`` or ``(170, 190)`` is a 20-degree box across the dateline, in either source convention.
-    The returned longitude is continuous and increasing (``170 .. 190`` for that box, ``-10 .. 10`` for a
-    box across Greenwich in 0..360 data), so the result is again a regular grid.
+    The returned longitude is continuous and increasing and starts at ``west`` as given (``170 .. 190`` for
+    that box, ``-10 .. 10`` for ``(-10, 10)`` in 0..360 data, ``230 .. 330`` for ``(230, 330)`` in -180..180 data),
+    so the result is again a regular grid in the caller's convention.
     """
     if lat is not None:
         south, north = sorted(float(v) for v in lat)
@@ -432,8 +441,11 @@ def coarsen(high_res: xr.Dataset, factor: int) -> xr.Dataset:
                              lon=out["lon"].assign_attrs(high_res["lon"].attrs))
 
 
-def regrid(obj, grid: Grid, method: str = "bilinear"):
+def regrid(obj, grid: Grid, method="bilinear"):
     """Interpolate ``obj`` (dims ``lat``/``lon``) onto ``grid`` with :func:`grids.interpolate` (lazy).
+
+    ``method``: ``"bilinear"``/``"bicubic"``, or for a Dataset one per data variable (a list in their order, as a
+    model's ``interpolation`` holds them).
 
     Used both to bring a real low-res source onto the coarse grid that matches the target and to make
     the interpolated low-res ("lerp") on the target grid, so training matches the pipeline exactly.
@@ -446,8 +458,12 @@ def regrid(obj, grid: Grid, method: str = "bilinear"):
             obj = obj.assign_coords(lon=obj["lon"] + shift)
             src = Grid(src.lat, src.lon + shift)
     if isinstance(obj, xr.Dataset):
-        out = xr.Dataset({k: _regrid_array(v, src, grid, method) for k, v in obj.data_vars.items()}, attrs=obj.attrs)
+        methods = interpolation_methods(method, len(obj.data_vars))
+        out = xr.Dataset({k: _regrid_array(v, src, grid, m) for (k, v), m in zip(obj.data_vars.items(), methods)},
+                         attrs=obj.attrs)
     else:
+        if not isinstance(method, str):
+            raise ValueError(f"One interpolation method regrids a DataArray, got {method!r}.")
         out = _regrid_array(obj, src, grid, method)
     return out.assign_coords(lat=xr.DataArray(grid.lat, dims="lat", attrs=obj["lat"].attrs),
                              lon=xr.DataArray(grid.lon, dims="lon", attrs=obj["lon"].attrs))
@@ -529,8 +545,9 @@ class PairedData:
     def variables(self) -> list[str]:
         return list(map(str, self.high_res.data_vars))
 
-    def lerp(self, method: str = "bilinear") -> xr.Dataset:
-        """The low-res interpolated to the target grid (lazy), exactly as the pipeline computes it."""
+    def lerp(self, method="bilinear") -> xr.Dataset:
+        """The low-res interpolated to the target grid (lazy), exactly as the pipeline computes it (``method``: one,
+        or one per variable)."""
         return regrid(self.low_res, self.grid, method=method)
 
     def isel(self, **indexers) -> PairedData:

@@ -85,11 +85,13 @@ class FieldProcessor:
         norm_mean, norm_std: per-variable statistics in transformed space (for the range check).
         static_channels: names of the model's static fields.
         scale_factor: grid refinement from the low-res to the high-res grid.
+        dry_threshold: per variable, the amount (in the variable's units) below which output is set to exactly 0
+            (precipitation's "dry"); 0 keeps every value.
     """
 
     def __init__(self, variables: Sequence[str], units: Sequence[str], transforms: Sequence[str],
                  norm_mean: Sequence[float], norm_std: Sequence[float], static_channels: Sequence[str],
-                 scale_factor: int):
+                 scale_factor: int, dry_threshold: Sequence[float] | None = None):
         self.variables = list(variables)
         self.units = list(units)
         self.transforms = list(transforms)
@@ -97,11 +99,12 @@ class FieldProcessor:
         self.norm_std = list(norm_std)
         self.static_channels = list(static_channels)
         self.scale_factor = int(scale_factor)
+        self.dry_threshold = [float(x) for x in dry_threshold] if dry_threshold else [0.0] * len(self.variables)
 
     @classmethod
     def from_config(cls, config: Mapping) -> FieldProcessor:
         keys = ("variables", "units", "transforms", "norm_mean", "norm_std", "static_channels", "scale_factor")
-        return cls(**{k: config[k] for k in keys})
+        return cls(**{k: config[k] for k in keys}, dry_threshold=config.get("dry_threshold"))
 
     # ------------------------------------------------------------------------------------------
     # in
@@ -283,9 +286,17 @@ class FieldProcessor:
     # ------------------------------------------------------------------------------------------
     # out
     # ------------------------------------------------------------------------------------------
+    def apply_dry_threshold(self, members: torch.Tensor) -> torch.Tensor:
+        """Members ``(..., V, H, W)`` with every value below its variable's ``dry_threshold`` set to 0: a diffusion
+        model's drizzle (tiny positive amounts everywhere) would otherwise make every point wet."""
+        if not any(self.dry_threshold):
+            return members
+        thr = torch.tensor(self.dry_threshold, dtype=members.dtype).view(-1, 1, 1)
+        return torch.where(members < thr, torch.zeros_like(members), members)
+
     def conserve(self, members: torch.Tensor, prepared: PreparedFields) -> torch.Tensor:
         """Members ``(M, B, V, H, W)`` whose block means equal the low-res input (``conserve`` in ``__call__``):
-        additive for ``identity`` variables, multiplicative for non-negative (``log1p``) ones."""
+        additive for ``identity`` variables, multiplicative for non-negative (``log1p``, ``sqrt``) ones."""
         from dpdm_diffusers.conservation import conserve
 
         s = self.scale_factor

@@ -142,6 +142,27 @@ def _unwrap_lon(target_lon: np.ndarray, src_lon: np.ndarray) -> np.ndarray:
     return lo + np.mod(target_lon - lo, 360.0)
 
 
+def interpolation_methods(interpolation, num_variables: int) -> list[str]:
+    """One interpolation per variable from a model's ``interpolation`` (one name for all, or a list of them)."""
+    methods = [interpolation] * num_variables if isinstance(interpolation, str) else list(interpolation)
+    if len(methods) != num_variables:
+        raise ValueError(f"interpolation has {len(methods)} entries for {num_variables} variables.")
+    unknown = [m for m in methods if m not in INTERPOLATIONS]
+    if unknown:
+        raise ValueError(f"Unknown interpolation {unknown[0]!r}; expected one of {tuple(INTERPOLATIONS)}.")
+    return methods
+
+
+def interpolate_variables(values: np.ndarray, src: Grid, dst: Grid, methods) -> np.ndarray:
+    """:func:`interpolate` of ``(..., V, lat, lon)`` with each variable's own method (:func:`interpolation_methods`),
+    e.g. bicubic for temperature and bilinear for precipitation, whose bicubic overshoots below zero at rain edges."""
+    values = np.asarray(values)
+    methods = interpolation_methods(methods, values.shape[-3])
+    if len(set(methods)) == 1:
+        return interpolate(values, src, dst, methods[0])
+    return np.stack([interpolate(values[..., i, :, :], src, dst, m) for i, m in enumerate(methods)], axis=-3)
+
+
 def interpolate(values: np.ndarray, src: Grid, dst: Grid, method: str = "bilinear") -> np.ndarray:
     """Interpolate ``values`` of shape ``(..., src.lat, src.lon)`` onto ``dst``.
 

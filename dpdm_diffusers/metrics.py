@@ -643,7 +643,8 @@ def score_table(
     * ``metrics``: default :data:`DEFAULT_METRICS` (the paper's RMSE, ACC, SSIM, PSNR plus CRPS and
       SSR), with ``ACC_train`` appended when ``climatology`` is given. Also available: MAE, bias.
     * ``ACC``: per-field anomaly correlation against the per-grid-point mean of the truth fields
-      being scored (member-to-member anomalies, :func:`sample_climatology`), averaged over fields;
+      being scored (member-to-member anomalies, :func:`sample_climatology`), averaged over fields; for a
+      single truth field, the centred pattern correlation;
       ``ACC_train``: the same against the given (training) ``climatology``.
     * ``SSIM``/``PSNR``: per field, with ``data_range`` default per-field ``max - min`` of the truth
       *within the region*; averaged over fields.
@@ -676,7 +677,9 @@ def score_table(
                 else:
                     raise KeyError(f"forecast {method!r} has no variable {var!r}.")
             f_full = fcs[var]
-            sample_clim = sample_climatology(y_full)
+            # one field (no sample dims): its anomalies are against zero, i.e. ACC is the centred pattern correlation
+            sample_clim = (sample_climatology(y_full) if _other_dims(y_full, _spatial(y_full))
+                           else xr.zeros_like(y_full))
             for region, box in region_boxes.items():
                 y = select_region(y_full, box)
                 f = select_region(f_full, box)

@@ -314,12 +314,13 @@ def _pick_variable(obj, name: str, rename: Mapping[str, str] | None = None) -> x
                    f"(CLI: --static-map <your name>={name}) or pass a DataArray.")
 
 
-def _user_field(source, name: str, grid: Grid, rename: Mapping[str, str] | None = None) -> np.ndarray:
+def _user_field(source, name: str, grid: Grid, rename: Mapping[str, str] | None = None,
+                regular_grid: bool = False) -> np.ndarray:
     """A user's topography or land-sea mask (file, Dataset or DataArray) on ``grid``, in canonical units."""
     from .data import open_dataset, standardize
 
-    obj = open_dataset(source) if isinstance(source, (str, os.PathLike)) else source
-    da = standardize(_pick_variable(obj, name, rename))
+    obj = open_dataset(source, regular_grid=regular_grid) if isinstance(source, (str, os.PathLike)) else source
+    da = standardize(_pick_variable(obj, name, rename), regular_grid=regular_grid)
     extra = [d for d in da.dims if d not in ("lat", "lon")]
     for d in extra:  # invariant fields often carry a length-1 time axis
         if da.sizes[d] != 1:
@@ -358,6 +359,7 @@ def get_static_fields(
     *,
     sources: Mapping[str, object] | None = None,
     rename: Mapping[str, str] | None = None,
+    regular_grid: bool = False,
 ) -> xr.Dataset:
     """Static channels on ``grid`` as an ``xr.Dataset`` with variables ``names`` on dims ``(lat, lon)``.
 
@@ -375,6 +377,8 @@ def get_static_fields(
     rename
         ``{name in your file: channel}`` (e.g. ``{"orog": "topography"}``) when the file's variable names are
         not recognised; common names (``orog``, ``z``, ``lsm``, ``sftlf``...) are found without it.
+    regular_grid
+        Put a near-regular (e.g. Gaussian) source grid on a regular one first (as for the data files).
 
     Raises
     ------
@@ -390,7 +394,7 @@ def get_static_fields(
     fields, origin = {}, {}
     for name in names:
         if name in sources:
-            fields[name] = _user_field(sources[name], name, grid, rename)
+            fields[name] = _user_field(sources[name], name, grid, rename, regular_grid)
             origin[name] = "user-provided, regridded to this grid"
         else:
             key = (np.ascontiguousarray(grid.lat, np.float64).tobytes(),

@@ -4,7 +4,8 @@ Everything here is pure array math with no I/O, so the pipeline, the training sc
 (:mod:`dpdm_diffusers.statistics`, on lazy xarray data) compute the model target in exactly the same way. The spaces are:
 
 * physical: what the user sees (K, m/s, mm/day, ...);
-* transformed: ``identity`` or ``log1p`` (precipitation-like, non-negative) applied per variable;
+* transformed: ``identity``, or for non-negative heavy-tailed fields (precipitation) ``log1p`` or ``sqrt``, per
+  variable (benchmarks/results/tigge_five_variables.md compares the two on precipitation);
 * normalised: ``(transformed - mean) / std`` with *per-variable* statistics (not per grid point, so
   a model transfers to grids and regions it was not trained on);
 * model space: what the diffusion model generates. With ``prediction="residual"`` it is
@@ -20,7 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-TRANSFORMS = ("identity", "log1p")
+TRANSFORMS = ("identity", "log1p", "sqrt")
+# transforms of non-negative fields: their output is clipped at zero and conserved multiplicatively
+NON_NEGATIVE_TRANSFORMS = ("log1p", "sqrt")
 PREDICTIONS = ("residual", "full")
 
 
@@ -36,15 +39,21 @@ def forward_transform(x, name: str):
         if isinstance(x, torch.Tensor):
             return torch.log1p(x.clamp_min(0))
         return np.log1p(np.maximum(x, 0))  # numpy, dask and xarray: ufuncs keep lazy data lazy
+    if name == "sqrt":
+        if isinstance(x, torch.Tensor):
+            return torch.sqrt(x.clamp_min(0))
+        return np.sqrt(np.maximum(x, 0))
     raise ValueError(f"Unknown transform {name!r}; expected one of {TRANSFORMS}.")
 
 
 def inverse_transform(x: torch.Tensor, name: str) -> torch.Tensor:
-    """Invert a named transform (transformed -> physical). ``log1p`` output is clipped to >= 0."""
+    """Invert a named transform (transformed -> physical). Non-negative transforms' output is clipped to >= 0."""
     if name == "identity":
         return x
     if name == "log1p":
         return torch.expm1(x).clamp_min(0)
+    if name == "sqrt":  # a negative transformed value is "drier than dry": zero, not its square
+        return x.clamp_min(0).square()
     raise ValueError(f"Unknown transform {name!r}; expected one of {TRANSFORMS}.")
 
 

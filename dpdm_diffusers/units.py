@@ -11,7 +11,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["parse_units", "same_units", "compatible_units", "convert_units", "require_units"]
+__all__ = ["parse_units", "same_units", "compatible_units", "convert_units", "require_units", "unit_factor"]
 
 
 @lru_cache(maxsize=1)
@@ -52,17 +52,60 @@ def same_units(a: str, b: str) -> bool:
         return str(a).strip() == str(b).strip()
     if ua == ub:
         return True
-    # equal dimensionality and a unit conversion factor of 1 without offset
-    return compatible_units(a, b) and np.isclose(_registry().Quantity(1.0, ua).to(ub).magnitude, 1.0) and np.isclose(
-        _registry().Quantity(0.0, ua).to(ub).magnitude, 0.0, atol=1e-12)
+    # a conversion factor of 1 without offset (kg m-2 of water and mm too)
+    try:
+        scale, offset = unit_factor(a, b)
+    except ValueError:
+        return False
+    return bool(np.isclose(scale, 1.0) and np.isclose(offset, 0.0, atol=1e-12))
+
+
+def _water_factor(a: str, b: str) -> float | None:
+    """The power of liquid water's density (1000 kg m-3) that turns ``a`` into ``b``'s dimensionality: precipitation
+    as a mass per area (``kg m-2``, GRIB's tp) and as a depth (``mm``, ``m``), or their rates (``kg m-2 s-1`` and
+    ``mm/day``); ``None`` when no such power exists."""
+    try:
+        ua, ub = parse_units(a), parse_units(b)
+    except ValueError:
+        return None
+    density = _registry().Unit("kg m-3")
+    for power in (1, -1):
+        if (ua / density**power).dimensionality == ub.dimensionality:
+            return power
+    return None
 
 
 def compatible_units(a: str, b: str) -> bool:
-    """Whether values in ``a`` can be converted to ``b`` (same dimensionality, e.g. ``degC`` and ``K``)."""
+    """Whether values in ``a`` can be converted to ``b``: the same dimensionality (``degC`` and ``K``), or
+    precipitation as mass per area and as depth (``kg m-2`` and ``mm``), through the density of liquid water."""
     try:
-        return parse_units(a).dimensionality == parse_units(b).dimensionality
+        if parse_units(a).dimensionality == parse_units(b).dimensionality:
+            return True
     except ValueError:
         return False
+    return _water_factor(a, b) is not None
+
+
+def unit_factor(have: str, target: str) -> tuple[float, float]:
+    """``(scale, offset)`` with ``value_in_target = value * scale + offset`` (pint; water density for mass per area
+    <-> depth). ``ValueError`` when the units cannot be converted; an accumulation (``mm``) and a rate (``mm/day``)
+    cannot, since that needs the accumulation period: divide by it yourself and set the new units."""
+    q, ua, ub = _registry().Quantity, parse_units(have), parse_units(target)
+    if ua.dimensionality != ub.dimensionality:
+        power = _water_factor(have, target)
+        if power is None:
+            hint = ""
+            as_rate = [f"({target}) s", f"({have}) s"]
+            if any(_water_factor(*pair) is not None or parse_units(pair[0]).dimensionality == parse_units(pair[1])
+                   .dimensionality for pair in ((have, as_rate[0]), (as_rate[1], target))):
+                hint = (" One is an accumulation and the other a rate: divide the accumulation by its period (e.g. "
+                        "24 h for a daily total) and set the rate's units.")
+            raise ValueError(f"{have!r} cannot be converted to {target!r}.{hint}")
+        ua = ua / _registry().Unit("kg m-3") ** power
+        scale = q(1000.0**-power, ua).to(ub).magnitude
+        return float(scale), 0.0
+    offset = q(0.0, ua).to(ub).magnitude
+    return float(q(1.0, ua).to(ub).magnitude - offset), float(offset)
 
 
 def require_units(obj, name: str, expected: str | None = None) -> str:
@@ -87,10 +130,10 @@ def convert_units(da, target: str, name: str | None = None):
     have = require_units(da, name, target)
     if same_units(have, target):
         return da.assign_attrs(units=target) if have != target else da
-    if not compatible_units(have, target):
-        raise ValueError(f"Variable {name!r} is in {have!r}, which cannot be converted to {target!r} (the model's units).")
-    q = _registry().Quantity
-    scale = q(1.0, parse_units(have)).to(parse_units(target)).magnitude - q(0.0, parse_units(have)).to(parse_units(target)).magnitude
-    offset = q(0.0, parse_units(have)).to(parse_units(target)).magnitude
+    try:
+        scale, offset = unit_factor(have, target)
+    except ValueError as err:
+        raise ValueError(f"Variable {name!r} is in {have!r}, which cannot be converted to {target!r} (the model's "
+                         f"units): {err}") from None
     out = da * scale + offset if offset else da * scale
     return out.astype(da.dtype if np.issubdtype(da.dtype, np.floating) else np.float32).assign_attrs({**da.attrs, "units": target})

@@ -30,7 +30,7 @@ from .units import require_units
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RegionData", "load_region", "validation_inputs", "box_indices"]
+__all__ = ["RegionData", "box_indices", "declare_units", "load_region", "validation_inputs"]
 
 
 @dataclass
@@ -89,6 +89,7 @@ def load_region(
     variables: Sequence[str] | None = None,
     variable_map: Mapping[str, str] | None = None,
     units: Mapping[str, str] | None = None,
+    declared_units: Mapping[str, str] | None = None,
     lat_box=None,
     lon_box=None,
     regular_grid: bool = False,
@@ -106,10 +107,12 @@ def load_region(
         high_res, low_res: paths/globs (netCDF or zarr) or datasets; ``low_res=None`` takes block means.
         variables: the model's variable names (after ``variable_map``); default every variable of the files.
         units: the model's units per variable (fine-tuning); data in compatible units is converted.
+        declared_units: units per variable (the model's names) that you declare: set on a variable whose file has
+            no ``units`` attribute, else the units its data is converted to (e.g. ``{"tp": "mm"}`` for ``kg m**-2``).
         static_files: ``{channel: path}``; default packaged global topography and land fraction.
     """
     variable_map = data.parse_mapping(variable_map)
-    hr = high_res if isinstance(high_res, xr.Dataset) else data.open_dataset(high_res)
+    hr = high_res if isinstance(high_res, xr.Dataset) else data.open_dataset(high_res, regular_grid=regular_grid)
     hr = data.standardize(hr, regular_grid=regular_grid)
     if lat_box or lon_box:
         hr = data.select_box(hr, lat=tuple(lat_box) if lat_box else None, lon=tuple(lon_box) if lon_box else None)
@@ -119,6 +122,7 @@ def load_region(
         variables = list(map(str, hr.data_vars))
     else:
         hr, _ = apply_variable_map(hr, variable_map, variables)
+    hr = declare_units(hr, declared_units, variables)
     for v in variables:
         require_units(hr[v], v, (units or {}).get(v))
     if units:
@@ -130,8 +134,9 @@ def load_region(
                        "last rows/columns)", ny, nx, hr.sizes["lat"], hr.sizes["lon"], scale_factor)
     lr = None
     if low_res is not None:
-        lr = low_res if isinstance(low_res, xr.Dataset) else data.open_dataset(low_res)
+        lr = low_res if isinstance(low_res, xr.Dataset) else data.open_dataset(low_res, regular_grid=regular_grid)
         lr, _ = apply_variable_map(data.standardize(lr, regular_grid=regular_grid), variable_map, variables)
+        lr = declare_units(lr, declared_units, variables)
         if units:
             lr = data.convert_to_units(lr, {v: units[v] for v in variables if v in units})
     pairs = data.make_pairs(hr, scale_factor=scale_factor, low_res=lr)
@@ -140,7 +145,7 @@ def load_region(
         from .static_fields import get_static_fields
 
         static = get_static_fields(pairs.grid, list(static_channels), sources=dict(static_files) if static_files else None,
-                                   rename=data.parse_mapping(static_map))
+                                   rename=data.parse_mapping(static_map), regular_grid=regular_grid)
 
     train, validation = _time_indexer(train_time), _time_indexer(validation_time) if validation_time else None
     vbox = None
@@ -167,6 +172,21 @@ def load_region(
         + (f" box lat {list(validation_lat_box or [])} lon {list(validation_lon_box or [])}" if vbox else "") or "none",
     }
     return RegionData(pairs=pairs, static=static, train=train, validation=validation, validation_box=vbox, describe=describe)
+
+
+def declare_units(ds: xr.Dataset, declared: Mapping[str, str] | None, variables: Sequence[str]) -> xr.Dataset:
+    """Set declared units where a variable has none; convert (pint) where it has other, compatible ones."""
+    declared = dict(declared or {})
+    unknown = sorted(set(declared) - set(variables))
+    if unknown:
+        raise ValueError(f"units are declared for {unknown}, which are not among the variables {list(variables)}.")
+    for v, unit in declared.items():
+        if str(ds[v].attrs.get("units", "")).strip():
+            ds = data.convert_to_units(ds, {v: unit})
+        else:
+            logger.info("%s has no units attribute: declared %r", v, unit)
+            ds[v] = ds[v].assign_attrs(units=unit)
+    return ds
 
 
 def validation_inputs(region: RegionData, max_samples: int | None = None):

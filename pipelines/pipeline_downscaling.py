@@ -29,7 +29,7 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 
 from dpdm_diffusers.field_processor import FieldProcessor, PreparedFields
-from dpdm_diffusers.grids import INTERPOLATIONS, interpolate
+from dpdm_diffusers.grids import interpolate, interpolate_variables, interpolation_methods
 from dpdm_diffusers.modeling import default_scheduler
 from dpdm_diffusers.patching import PatchTiler
 from dpdm_diffusers.seeding import member_seeds, row_generators
@@ -116,7 +116,8 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         scale_factor (`int`): grid refinement from the low-res to the high-res grid.
         patch_size (`int`): tile size in high-res pixels the UNet was trained on.
         prediction (`str`): ``"residual"`` (high-res minus interpolated low-res) or ``"full"``.
-        interpolation (`str`): ``"bilinear"`` or ``"bicubic"`` interpolation of the low-res input.
+        interpolation (`str` or `list[str]`): ``"bilinear"`` or ``"bicubic"`` interpolation of the low-res input, for
+            all variables or one per variable (bilinear suits precipitation: bicubic overshoots below zero).
         objective (`str`): ``"diffusion"`` (the UNet predicts noise; sampled with the scheduler) or
             ``"regression"`` (a deterministic baseline: one UNet pass at ``t = 0`` on zero noise predicts the
             target directly; every member is that same field and the spread is zero).
@@ -127,6 +128,8 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             i.e. the scale of what the diffusion UNet generates when ``regression_unet`` is set.
         hub_id (`str`, *optional*): the model's Hub id, recorded by ``push_to_hub`` so that models fine-tuned
             from a local copy still name their base by its id.
+        dry_threshold (`list[float]`, *optional*): per variable, output below it is set to exactly 0 (precipitation's
+            dry threshold, in the variable's units, before ``conserve``); 0 (the default) keeps every value.
     """
 
     model_cpu_offload_seq = "regression_unet->unet"
@@ -164,11 +167,12 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         scale_factor: int = 4,
         patch_size: int | None = None,
         prediction: str = "residual",
-        interpolation: str = "bilinear",
+        interpolation: str | Sequence[str] = "bilinear",
         objective: str = "diffusion",
         regression_unet: UNet2DModel | None = None,
         stochastic_std: Sequence[float] | None = None,
         hub_id: str | None = None,
+        dry_threshold: Sequence[float] | None = None,
     ):
         super().__init__()
         self.model_card: str | None = None  # README.md of the folder it was loaded from / training; kept on save
@@ -195,10 +199,11 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             scale_factor=int(scale_factor),
             patch_size=int(patch_size if patch_size is not None else unet.config.sample_size),
             prediction=prediction,
-            interpolation=interpolation,
+            interpolation=interpolation if isinstance(interpolation, str) else list(interpolation),
             objective=objective,
             stochastic_std=floats(stochastic_std, 1.0, v),
             hub_id=hub_id,
+            dry_threshold=floats(dry_threshold, 0.0, v),
         )
         self.normalizer = Normalizer.from_config(config)  # validates lengths, transforms, prediction
         self._check_components(unet, config)
@@ -206,6 +211,9 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             self._check_components(regression_unet, config, name="regression_unet")
             if objective != "diffusion":
                 raise ValueError("regression_unet is the mean of a diffusion model; it needs objective='diffusion'.")
+        if len(config["dry_threshold"]) != v or min(config["dry_threshold"]) < 0:
+            raise ValueError(f"dry_threshold must hold one value >= 0 per variable {variables}, got "
+                             f"{config['dry_threshold']}.")
         if len(config["stochastic_std"]) != v or min(config["stochastic_std"]) <= 0:
             raise ValueError(
                 f"stochastic_std must hold one positive value per variable {variables}, got {config['stochastic_std']}.")
@@ -228,9 +236,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             raise ValueError(f"Unknown objective {config['objective']!r}; expected one of {OBJECTIVES}.")
         if config["scale_factor"] < 1:
             raise ValueError(f"scale_factor must be >= 1, got {config['scale_factor']}.")
-        if config["interpolation"] not in INTERPOLATIONS:
-            raise ValueError(
-                f"Unknown interpolation {config['interpolation']!r}; expected one of {tuple(INTERPOLATIONS)}.")
+        interpolation_methods(config["interpolation"], v)  # one known method, or one per variable
 
     @classmethod
     def from_unet(cls, unet: UNet2DModel, scheduler=None, **config) -> DownscalingPipeline:
@@ -301,7 +307,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         """``[normalised interpolated low-res, normalised static fields]`` on the target grid, padded to at least one
         patch (wrapping on global longitude) and cut into the tiles every UNet evaluation reuses."""
         cfg, norm = self.config, self.normalizer
-        lerp = interpolate(prepared.values, prepared.src, prepared.dst, cfg.interpolation)  # (B, V, H, W) physical
+        lerp = interpolate_variables(prepared.values, prepared.src, prepared.dst, cfg.interpolation)  # (B, V, H, W)
         invalid = None
         if np.isnan(prepared.values).any():  # nan_policy="mask" (the processor refused NaN otherwise)
             # the bilinear stencil tells where the input is undefined; those points are filled, then re-masked
@@ -611,7 +617,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             lat = lat.reshape(len(seeds), canvas.num_batch, *lat.shape[1:]).expand(num_members, -1, -1, -1, -1)
             out = _with_stats(lat.contiguous())
             return DownscalingPipelineOutput(*out) if return_dict else out
-        members = self.decode_latents(latents, canvas, num_members)
+        members = self.processor.apply_dry_threshold(self.decode_latents(latents, canvas, num_members))
         if conserve:
             members = self.processor.conserve(members, prepared)
         if canvas.invalid is not None:

@@ -9,7 +9,7 @@ import sys
 
 import yaml
 
-__all__ = ["card_scores", "training_card"]
+__all__ = ["calibration_text", "card_scores", "training_card"]
 
 CARD_SCORE_NAMES = {"val_rmse_mean": "RMSE ensemble mean", "val_rmse_member0": "RMSE one member",
                     "val_rmse_lerp": "RMSE interpolation"}
@@ -66,12 +66,7 @@ def training_card(cfg, pipe, *, data_info: dict, fields, global_step: int, num_p
         "Validation": "\n".join(f"- {k}: {v:.4f}" for k, v in validation.items()) or "no validation scores yet",
     }
     if calibration:
-        sections["Spread calibration"] = (
-            f"`stochastic_std` multiplied by {calibration['factor']:.3f}, the factor with "
-            + ("the lowest fair CRPS" if calibration.get("target") == "crps" else "a spread-skill ratio closest to 1")
-            + f" on the validation split ({calibration['num_members']} members): CRPS "
-            f"{calibration['crps_uncalibrated']:.4f} -> {calibration['crps']:.4f}, spread-skill "
-            f"{calibration['ssr_uncalibrated']:.2f} -> {calibration['ssr']:.2f}.")
+        sections["Spread calibration"] = calibration_text(calibration)
     variables = ", ".join(map(str, pipe.config.variables))
     return render_model_card(dict(pipe.config), title=cfg.model_card_title, base_model=base_id, base_text=base_text,
                              repo_id=cfg.hub_model_id, summary=summary, sections=sections, pipe=pipe,
@@ -80,13 +75,37 @@ def training_card(cfg, pipe, *, data_info: dict, fields, global_step: int, num_p
                                            "dataset_type": "custom", "dataset_split": "validation"})
 
 
+def calibration_text(calibration: dict) -> str:
+    """The card's account of a spread calibration: the factor and scores of each variable, in its own units."""
+    aim = "the lowest fair CRPS" if calibration.get("target") == "crps" else "a spread-skill ratio closest to 1"
+    lines = [f"`stochastic_std` of each variable multiplied by the factor with {aim} on the validation split "
+             f"({calibration['num_members']} members, {calibration['num_inference_steps']} steps):", ""]
+    for v, r in (calibration.get("per_variable") or {}).items():
+        lines.append(f"- {v}: factor {r['factor']:.3f}; CRPS {r['crps_uncalibrated']:.4g} -> {r['crps']:.4g} (its "
+                     f"units); spread-skill {r['ssr_uncalibrated']:.2f} -> {r['ssr']:.2f}"
+                     + (" **(at the edge of the search: not calibrated)**" if r.get("at_edge") else ""))
+    return "\n".join(lines)
+
+
 def card_scores(validation: dict, calibration: dict | None) -> dict:
     """The scores a card's ``model-index`` shows, named for a reader of the Hub page.
 
-    Only the pooled validation scores are shown (per-variable ones stay in the card's Validation section).
+    One variable: its scores in its units. Several: each variable's scores in its own units (``RMSE ensemble mean
+    (tp)``), never a pool of Pa, K and mm.
     """
-    scores = {label: validation[k] for k, label in CARD_SCORE_NAMES.items() if k in validation}
+    per_variable = [k.split("/", 1)[1] for k in validation if k.startswith("val_rmse_mean/")]
+    if not per_variable:
+        scores = {label: validation[k] for k, label in CARD_SCORE_NAMES.items() if k in validation}
+    else:
+        scores = {f"{label} ({v})": validation[f"{k}/{v}"] for v in per_variable
+                  for k, label in CARD_SCORE_NAMES.items() if f"{k}/{v}" in validation}
     if calibration:
-        scores["CRPS ensemble"] = calibration["crps"]
-        scores["SSR spread-skill"] = calibration["ssr"]
+        rows = calibration.get("per_variable") or {}
+        if len(rows) > 1:
+            for v, r in rows.items():
+                scores[f"CRPS ensemble ({v})"] = r["crps"]
+                scores[f"SSR spread-skill ({v})"] = r["ssr"]
+        else:
+            scores["CRPS ensemble"] = calibration["crps"]
+            scores["SSR spread-skill"] = calibration["ssr"]
     return scores

@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 from pydantic.dataclasses import dataclass
 
 __all__ = [
@@ -61,7 +61,13 @@ class TrainingConfig:
     variables: list[str] = field(default_factory=list)
     # your names -> the model's, e.g. {air_temperature: surface_temperature}
     variable_map: dict = field(default_factory=dict)
+    # units per variable: declared for a file whose variable has none, else converted to (e.g. {tp: mm} for GRIB's
+    # kg m**-2); fine-tuning converts to the base model's units in any case
+    units: dict = field(default_factory=dict)
     transforms: list[str] = field(default_factory=list)  # default: log1p for precipitation, else identity
+    # per variable, output below it is set to 0 (in the variable's units); default 0.1 mm (or its equivalent) for
+    # precipitation-like variables in depth or mass-per-area units, else 0
+    dry_threshold: dict = field(default_factory=dict)
     scale_factor: positive | None = None  # default: the base model's, else 4
     train_time: list[str] = field(default_factory=list)  # [start, end], inclusive
     validation_time: list[str] = field(default_factory=list)
@@ -77,7 +83,9 @@ class TrainingConfig:
     unet_preset: str | None = None  # default "small"; fine-tuning keeps the base model's architecture
     patch_size: positive | None = None  # default: the base model's, else 64
     prediction: Literal["residual", "full"] | None = None  # default: the base model's, else "residual"
-    interpolation: Literal["bilinear", "bicubic"] | None = None  # default: the base model's, else "bilinear"
+    # one for all variables or one per variable; default: the base model's, else "auto" (bicubic, and bilinear for
+    # non-negative variables such as precipitation, where bicubic overshoots below zero)
+    interpolation: Literal["bilinear", "bicubic", "auto"] | list[Literal["bilinear", "bicubic"]] | None = None
     # or "regression" (deterministic baseline, same UNet)
     objective: Literal["diffusion", "regression"] = "diffusion"
     # two-stage (CorrDiff) model: a trained regression pipeline whose prediction is the mean; the diffusion
@@ -98,7 +106,10 @@ class TrainingConfig:
     # regression UNet, `regression_steps` steps) in output_dir/stage1-regression, then stage 2 (its diffusion
     # UNet on the new regression) with stochastic_std re-estimated and the spread calibrated on the validation split
     init_from: str | None = None
-    regression_steps: positive | None = None  # two-stage fine-tuning: steps of stage 1 (default: max_train_steps)
+    # train a two-stage model from scratch in one run: stage 1 (regression, `regression_steps` steps) in
+    # output_dir/stage1-regression, then stage 2 on its residual, then the spread calibration (as fine-tuning does)
+    two_stage: bool = False
+    regression_steps: positive | None = None  # two-stage runs: steps of stage 1 (default: max_train_steps)
     recompute_statistics: bool = False  # fine-tuning: keep the base model's statistics unless set
     # optimisation -------------------------------------------------------------------------------
     max_train_steps: positive = 1000
@@ -133,6 +144,13 @@ class TrainingConfig:
     hub_model_id: str | None = None
     model_card_title: str = "DPDM downscaling model"
     stop_after_steps: positive | None = None  # end this invocation early (pieces of a long run); resume later
+
+    @field_validator("interpolation", mode="before")
+    @classmethod
+    def _split_interpolation(cls, value):  # the command line's "bicubic,bilinear" is one per variable
+        if isinstance(value, str) and "," in value:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,7 +279,7 @@ def render_command(cfg: TrainingConfig, launcher: str = SCRIPT) -> str:
 # ----------------------------------------------------------------------------------------------
 # start-up checks: every inconsistent combination is refused here, never at the first validation
 # ----------------------------------------------------------------------------------------------
-MODEL_DEFAULTS = {"scale_factor": 4, "patch_size": 64, "prediction": "residual", "interpolation": "bilinear",
+MODEL_DEFAULTS = {"scale_factor": 4, "patch_size": 64, "prediction": "residual", "interpolation": "auto",
                   "static_channels": ["topography", "land_sea_mask"], "unet_preset": "small"}
 
 
@@ -355,7 +373,8 @@ def resolve_options(cfg: TrainingConfig) -> tuple[TrainingConfig, str | None]:
     has_validation = bool(cfg.validation_time or cfg.validation_lat_box or cfg.validation_lon_box)
     if cfg.dataset == "glosea4-ts-x4":
         has_validation = has_validation or glosea4_splits(cfg)[1] is not None
-    two_stage = cfg.objective == "diffusion" and (kind == "two-stage" or cfg.regression_model is not None)
+    two_stage = cfg.objective == "diffusion" and (kind == "two-stage" or cfg.regression_model is not None
+                                                  or cfg.two_stage)
     if cfg.calibrate_spread and not two_stage:
         problems.append("--calibrate_spread scales a two-stage model's stochastic_std; this run trains no two-stage "
                         "model")
@@ -363,8 +382,12 @@ def resolve_options(cfg: TrainingConfig) -> tuple[TrainingConfig, str | None]:
         problems.append("--calibrate_spread needs a validation split (validation_time or validation_lat_box/lon_box)")
     if cfg.calibration_target not in ("ssr", "crps"):
         problems.append(f"--calibration_target must be 'ssr' or 'crps', got {cfg.calibration_target!r}")
-    if cfg.regression_steps is not None and kind != "two-stage":
-        problems.append("--regression_steps is the stage-1 length of fine-tuning a two-stage --init_from model")
+    if cfg.two_stage and (cfg.init_from or cfg.regression_model or cfg.objective != "diffusion"):
+        problems.append("--two_stage trains both stages from scratch: leave out --init_from (a two-stage base is "
+                        "fine-tuned as one anyway), --regression_model and --objective regression")
+    if cfg.regression_steps is not None and kind != "two-stage" and not cfg.two_stage:
+        problems.append("--regression_steps is the stage-1 length of a two-stage run (--two_stage, or --init_from a "
+                        "two-stage model)")
     if cfg.push_to_hub and not cfg.hub_model_id:
         problems.append("--push_to_hub needs --hub_model_id")
     if problems:

@@ -63,6 +63,7 @@ def load_pairs(cfg: TrainingConfig, units: dict | None = None):
     return user_data.load_region(
         cfg.high_res, low_res=cfg.low_res or None, scale_factor=cfg.scale_factor,
         variables=list(units) if units else (cfg.variables or None), variable_map=cfg.variable_map, units=units,
+        declared_units=cfg.units,
         lat_box=cfg.lat_box, lon_box=cfg.lon_box, regular_grid=cfg.regular_grid,
         static_channels=cfg.static_channels, static_files=cfg.static_files, static_map=cfg.static_map,
         train_time=cfg.train_time, validation_time=cfg.validation_time,
@@ -102,8 +103,15 @@ def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=No
     Raises:
         ValueError: The data lacks a variable of the base model.
     """
-    from dpdm_diffusers.statistics import compute_statistics
+    from dpdm_diffusers.statistics import compute_statistics, resolve_transforms
 
+    variables = list(pairs.high_res.data_vars)
+    if base_config is not None:  # the base model's (or the regression stage's) way of interpolating, unless given
+        if cfg.interpolation in (None, "auto"):
+            cfg.interpolation = base_config["interpolation"]
+    else:
+        cfg.interpolation = default_interpolation(cfg.interpolation, resolve_transforms(pairs.high_res, variables,
+                                                                                       cfg.transforms or None))
     if base_config is not None and not cfg.recompute_statistics:
         keys = ("variables", "units", "transforms", "norm_mean", "norm_std", "residual_std",
                 "static_channels", "static_mean", "static_std")
@@ -111,6 +119,7 @@ def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=No
         missing = [v for v in stats["variables"] if v not in pairs.high_res.data_vars]
         if missing:
             raise ValueError(f"The base model downscales {stats['variables']}, the data lacks {missing}.")
+        stats["dry_threshold"] = list(base_config.get("dry_threshold") or [0.0] * len(stats["variables"]))
         return stats
     mask = None
     keep = outside_box(pairs.grid.shape, exclude_box)
@@ -127,7 +136,48 @@ def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=No
     stats.setdefault("static_channels", [])
     stats.setdefault("static_mean", [])
     stats.setdefault("static_std", [])
+    stats["dry_threshold"] = dry_thresholds(cfg.dry_threshold, stats["variables"], stats["units"], stats["transforms"])
     return stats
+
+
+def default_interpolation(interpolation, transforms) -> str | list[str]:
+    """``"auto"`` -> bicubic (the best interpolation on every TIGGE variable), bilinear for non-negative variables
+    (bicubic overshoots below zero at rain edges); anything else as given."""
+    from dpdm_diffusers.transforms import NON_NEGATIVE_TRANSFORMS
+
+    if interpolation not in (None, "auto"):
+        return interpolation
+    methods = ["bilinear" if t in NON_NEGATIVE_TRANSFORMS else "bicubic" for t in transforms]
+    return methods[0] if len(set(methods)) == 1 else methods
+
+
+# precipitation's dry threshold when none is given: 0.1 mm (the usual "wet day" floor is 0.1-1 mm)
+DEFAULT_DRY_DEPTH = "0.1 mm"
+
+
+def dry_thresholds(given: dict, variables, units, transforms) -> list[float]:
+    """Per variable, ``given`` (your units) or, for a non-negative variable in depth or mass-per-area units,
+    0.1 mm converted to them; 0 otherwise (rates: set one, since it depends on the accumulation period)."""
+    from dpdm_diffusers.transforms import NON_NEGATIVE_TRANSFORMS
+    from dpdm_diffusers.units import unit_factor
+
+    unknown = sorted(set(given) - set(variables))
+    if unknown:
+        raise ValueError(f"--dry_threshold names {unknown}, which are not among the variables {list(variables)}.")
+    out = []
+    for v, u, t in zip(variables, units, transforms):
+        if v in given:
+            out.append(float(given[v]))
+            continue
+        value = 0.0
+        if t in NON_NEGATIVE_TRANSFORMS:
+            amount, unit = DEFAULT_DRY_DEPTH.split()
+            try:
+                value = float(amount) * unit_factor(unit, u)[0]
+            except ValueError:
+                logger.warning("no default dry threshold for %s in %s (a rate?): set --dry_threshold", v, u)
+        out.append(value)
+    return out
 
 
 @dataclass

@@ -1,13 +1,17 @@
 # Copyright 2026 The dpdm-diffusers developers. Licensed under the Apache License, Version 2.0.
-"""Fine-tune a model on your region in one call: what ``dpdm finetune`` runs.
+"""Fine-tune a model on your region, or train one from scratch on your files, in one call: what ``dpdm finetune``
+and ``dpdm train`` run.
 
     from dpdm_diffusers.training.finetune import finetune
 
     finetune(["era5/*.nc"], output_dir="runs/my-region", model="models/dpdm-glosea4-ts-x4",
              variable=["t2m=surface_temperature"], train_time="1979,2015", validation_time="2016,2020")
 
+    train(["tigge.nc"], output_dir="runs/five", variables=["2t", "10u", "10v", "sp", "tp"], units=["tp=mm"],
+          regular_grid=True, static=["topography=tigge.nc", "land_sea_mask=tigge.nc"])
+
 The options map onto one :class:`~dpdm_diffusers.training.config.TrainingConfig`; the equivalent training-script
-command is ``render_command(finetune_config(...))``.
+command is ``render_command(finetune_config(...))`` (or ``train_config``).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pydantic import ValidationError
 
 from .config import TrainingConfig, describe_errors, load_pipeline_config, load_yaml_options, model_kind
 
-__all__ = ["base_objective", "finetune", "finetune_config"]
+__all__ = ["base_objective", "finetune", "finetune_config", "train", "train_config"]
 
 logger = logging.getLogger("dpdm_diffusers.training")
 
@@ -46,7 +50,7 @@ def base_objective(model: str) -> str:
 
 
 def finetune_config(
-    high_res: Sequence[str], *, output_dir: str | Path, model: str, variable: Sequence[str] = (),
+    high_res: Sequence[str], *, output_dir: str | Path, model: str | None, variable: Sequence[str] = (),
     static: Sequence[str] = (), static_map: Sequence[str] = (), low_res: Sequence[str] = (),
     train_time=None, validation_time=None, lat_box=None, lon_box=None, validation_lat_box=None,
     validation_lon_box=None, steps: int = 500, regression_steps: int | None = None, batch_size: int = 16,
@@ -58,7 +62,7 @@ def finetune_config(
     Args:
         high_res: Your high-res files: netCDF or zarr paths, globs allowed.
         output_dir: Folder of the fine-tuned model (checkpoints too).
-        model: Base model: pipeline folder or Hub id.
+        model: Base model: pipeline folder or Hub id; ``None`` trains from scratch (:func:`train_config`).
         variable: ``"yours=model's"`` variable names, e.g. ``["air_temperature=surface_temperature"]``.
         static: ``"channel=path"`` static field files, e.g. ``["topography=orog.nc"]`` (default: packaged data).
         static_map: ``"name in a static file=channel"``, e.g. ``["orog=topography"]``.
@@ -131,4 +135,53 @@ def finetune(high_res: Sequence[str], *, output_dir: str | Path, model: str, **o
     options.setdefault("objective", base_objective(model))
     cfg = finetune_config(high_res, output_dir=output_dir, model=model, **options)
     logger.info("fine-tuning: %s", render_command(cfg))
+    return run(cfg)
+
+
+def train_config(high_res: Sequence[str], *, output_dir: str | Path, variables: Sequence[str] = (),
+                 units: Sequence[str] = (), objective: str = "two-stage", unet_preset: str | None = None,
+                 patch_size: int | None = None, scale_factor: int | None = None,
+                 interpolation: str | None = None, transforms: Sequence[str] = (),
+                 dry_threshold: Sequence[str] = (), **options) -> TrainingConfig:
+    """The training config of a new model on your files, two-stage by default (both stages, then the spread).
+
+    Args:
+        high_res, output_dir: As for :func:`finetune_config` (and every option of it but ``model``).
+        variables: Your variables to downscale (default: every variable of the files).
+        units: ``"variable=units"`` for files without them, or to convert to (e.g. ``["tp=mm"]`` for GRIB's
+            ``kg m**-2``).
+        objective: ``"two-stage"`` (regression mean + residual diffusion), ``"diffusion"`` or ``"regression"``.
+        unet_preset, patch_size, scale_factor: The model's shape (defaults: ``fast``... see ``TrainingConfig``).
+        interpolation: ``bilinear``, ``bicubic``, one per variable (``"bicubic,bicubic,bilinear"``) or the default
+            ``auto`` (bicubic, bilinear for precipitation).
+        transforms: One per variable, e.g. ``["identity", "sqrt"]`` (default: log1p for precipitation).
+        dry_threshold: ``"variable=amount"`` in its units (default 0.1 mm for precipitation).
+    """
+    from dpdm_diffusers.data import parse_mapping
+
+    if objective not in ("two-stage", "diffusion", "regression"):
+        raise ValueError(f"objective must be two-stage, diffusion or regression, got {objective!r}")
+    extra = {k: v for k, v in dict(unet_preset=unet_preset, patch_size=patch_size, scale_factor=scale_factor,
+                                   interpolation=interpolation).items() if v is not None}
+    if variables:
+        extra["variables"] = list(variables)
+    if transforms:
+        extra["transforms"] = list(transforms)
+    for key, items in (("units", units), ("dry_threshold", dry_threshold)):
+        if items:
+            extra[key] = parse_mapping(list(items))
+    if "dry_threshold" in extra:
+        extra["dry_threshold"] = {k: float(v) for k, v in extra["dry_threshold"].items()}
+    return finetune_config(high_res, output_dir=output_dir, model=None, two_stage=objective == "two-stage",
+                           objective="regression" if objective == "regression" else "diffusion", **extra,
+                           **options)
+
+
+def train(high_res: Sequence[str], *, output_dir: str | Path, **options) -> Path:
+    """Train a new model on your files (:func:`train_config`'s options) and return its folder."""
+    from .config import render_command
+    from .train_dpdm import run
+
+    cfg = train_config(high_res, output_dir=output_dir, **options)
+    logger.info("training: %s", render_command(cfg))
     return run(cfg)

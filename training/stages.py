@@ -140,9 +140,10 @@ def calibrate(pipe, region, cfg) -> dict:
                                    num_inference_steps=cfg.validation_inference_steps, seed=cfg.seed,
                                    target=cfg.calibration_target)
     pipe.register_to_config(stochastic_std=calibration["stochastic_std"])
-    logger.info("spread calibration on the validation split: factor %.3f, CRPS %.4f -> %.4f, SSR %.2f -> %.2f",
-                calibration["factor"], calibration["crps_uncalibrated"], calibration["crps"],
-                calibration["ssr_uncalibrated"], calibration["ssr"])
+    for v, r in calibration["per_variable"].items():
+        logger.info("spread calibration of %s on the validation split: factor %.3f, CRPS %.4g -> %.4g, SSR %.2f -> "
+                    "%.2f%s", v, r["factor"], r["crps_uncalibrated"], r["crps"], r["ssr_uncalibrated"], r["ssr"],
+                    " (at the edge of the search)" if r["at_edge"] else "")
     return calibration
 
 

@@ -276,7 +276,7 @@ def run(cfg: TrainingConfig) -> Path:
         SystemExit: Inconsistent options (before anything is written).
     """
     cfg, kind = resolve_options(cfg)
-    if kind == "two-stage" and cfg.objective == "diffusion" and not cfg.regression_model:
+    if (kind == "two-stage" or cfg.two_stage) and cfg.objective == "diffusion" and not cfg.regression_model:
         return finetune_two_stage(cfg, train)
     return train(cfg, kind)
 

@@ -37,8 +37,8 @@ def validate(pipe, val, cfg, seed: int) -> dict:
     Returns:
         ``val_rmse_mean``, ``val_rmse_member0``, ``val_rmse_lerp`` (the model's own interpolation) and
         ``val_rmse_ratio`` (mean / lerp). With one variable they are in its units. With several, the pooled keys
-        are in units of each variable's ``norm_std`` (its squared errors divided by ``norm_std**2`` before pooling,
-        so that no variable dominates by its units, e.g. surface pressure in Pa), and ``val_rmse_<name>/<variable>``
+        are in units of each variable's standard deviation over the validation truth (its squared errors divided by
+        its variance before pooling, so that no variable dominates by its units, e.g. surface pressure in Pa), and ``val_rmse_<name>/<variable>``
         gives each variable's scores in its own units.
     """
     from dpdm_diffusers.data import regrid
@@ -61,7 +61,8 @@ def validate(pipe, val, cfg, seed: int) -> dict:
     if len(variables) == 1:
         pooled = per_variable[variables[0]]
     else:
-        scale = {v: float(s) for v, s in zip(variables, pipe.config.norm_std)}
+        # each variable's RMSE in units of the truth's own spread, so Pa do not outweigh K and mm
+        scale = {v: float(truth[v].std()) or 1.0 for v in variables}
         pooled = {name: _pooled_rmse(f, truth, scale) for name, f in forecasts.items()}
 
     def with_ratio(scores: dict) -> dict:

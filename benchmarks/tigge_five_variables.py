@@ -1,0 +1,92 @@
+"""Five variables (2t, 10u, 10v, sp, tp) on real TIGGE data: joint vs per-variable two-stage models against
+interpolation, on a test box that training never sees (the split: ``dpdm_diffusers.tigge``).
+
+    python benchmarks/tigge_five_variables.py train     # the models, at an equal CPU budget (runs/tigge/)
+    python benchmarks/tigge_five_variables.py evaluate  # benchmarks/results/tigge_five_variables.{md,json}
+
+Training goes through the training script with one YAML per model (written to runs/tigge/<name>.yaml, so each model
+is one command a user can rerun: ``python -m dpdm_diffusers.training.train_dpdm --config runs/tigge/joint.yaml``;
+``dpdm train`` builds the same config). A finished model is not trained again. The data: DATA.md; how to rebuild
+the file: ``dpdm_diffusers/tigge.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpdm_diffusers import tigge  # noqa: E402
+
+RUNS = ROOT / "runs" / "tigge"
+RESULTS = ROOT / "benchmarks" / "results"
+# One budget for the joint model and for the five per-variable models together (equal training steps in all;
+# a step costs the same for one variable as for five: the UNet's width, not its in/out channels, sets the cost).
+JOINT_STEPS = 1000  # per stage
+COMMON = dict(unet_preset="fast", patch_size=64, train_batch_size=16, learning_rate=2e-4, lr_warmup_steps=50,
+              two_stage=True, report_to="none", checkpointing_steps=250, validation_steps=500,
+              validation_members=4, validation_max_samples=1, calibration_members=8, seed=0)
+
+
+def model_configs() -> dict[str, dict]:
+    """name -> training options."""
+    per_var = JOINT_STEPS // len(tigge.VARIABLES)
+    configs = {"joint": {**tigge.training_options(), **COMMON, "max_train_steps": JOINT_STEPS,
+                         "regression_steps": JOINT_STEPS}}
+    for v in tigge.VARIABLES:
+        configs[f"single-{v}"] = {**tigge.training_options(variables=[v]), **COMMON, "max_train_steps": per_var,
+                                  "regression_steps": per_var}
+    # precipitation's transform: the per-variable tp model again with sqrt instead of the default log1p
+    configs["single-tp-sqrt"] = {**configs["single-tp"], "transforms": ["sqrt"]}
+    return configs
+
+
+def train(names: list[str] | None) -> None:
+    RUNS.mkdir(parents=True, exist_ok=True)
+    timings_file = RUNS / "timings.json"
+    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+    for name, options in model_configs().items():
+        if names and name not in names:
+            continue
+        out = RUNS / name
+        if (out / "model_index.json").exists():
+            print(f"{name}: done ({out})")
+            continue
+        cfg_file = RUNS / f"{name}.yaml"
+        cfg_file.write_text(yaml.safe_dump({**options, "output_dir": str(out)}, sort_keys=False))
+        cmd = [sys.executable, "-m", "dpdm_diffusers.training.train_dpdm", "--config", str(cfg_file)]
+        print(f"{name}: {' '.join(cmd)}", flush=True)
+        t0 = time.time()
+        with open(RUNS / f"{name}.log", "w") as log:
+            subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True)
+        timings[name] = round(time.time() - t0, 1)
+        timings_file.write_text(json.dumps(timings, indent=2))
+        print(f"{name}: {timings[name]:.0f} s", flush=True)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["train", "evaluate"])
+    parser.add_argument("--models", default="", help="Comma-separated model names (default: all).")
+    parser.add_argument("--members", default="1,10,33", help="Ensemble sizes scored.")
+    parser.add_argument("--steps", type=int, default=10, help="Denoising steps.")
+    args = parser.parse_args(argv)
+    names = [n for n in args.models.split(",") if n]
+    if args.phase == "train":
+        train(names)
+    else:
+        from benchmarks.tigge_evaluation import evaluate_all  # noqa: PLC0415
+
+        evaluate_all(RUNS, RESULTS, names or None, [int(m) for m in args.members.split(",")], args.steps)
+
+
+if __name__ == "__main__":
+    main()
