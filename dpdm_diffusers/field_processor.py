@@ -292,7 +292,8 @@ class FieldProcessor:
         if not any(self.dry_threshold):
             return members
         thr = torch.tensor(self.dry_threshold, dtype=members.dtype).view(-1, 1, 1)
-        return torch.where(members < thr, torch.zeros_like(members), members)
+        # only variables with a threshold: a threshold of 0 must leave a wind's negative values alone
+        return torch.where((members < thr) & (thr > 0), torch.zeros_like(members), members)
 
     def conserve(self, members: torch.Tensor, prepared: PreparedFields) -> torch.Tensor:
         """Members ``(M, B, V, H, W)`` whose block means equal the low-res input (``conserve`` in ``__call__``):

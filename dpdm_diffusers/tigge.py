@@ -25,8 +25,9 @@ from pathlib import Path
 
 import xarray as xr
 
-__all__ = ["DATA_ENV", "SCALE_FACTOR", "TEST_BOX", "TRAIN_LON", "VALIDATION_BOX", "VARIABLES", "TiggeTest",
-           "find_data", "load_tigge", "test_split", "training_options"]
+__all__ = ["DATA_ENV", "SAMPLE_FILE", "SCALE_FACTOR", "TEST_BOX", "TRAIN_LON", "VALIDATION_BOX", "VARIABLES",
+           "TiggeTest", "find_data", "load_test_sample", "load_tigge", "test_split", "training_options",
+           "write_test_sample"]
 
 VARIABLES = ["2t", "10u", "10v", "sp", "tp"]
 UNITS = {"tp": "mm"}  # GRIB's kg m**-2 of water is a depth in mm (converted with pint, through water's density)
@@ -36,6 +37,7 @@ VALIDATION_BOX = ((-40.0, 40.0), (60.0, 100.0))  # (lat, lon)
 TEST_BOX = ((-45.0, 60.0), (112.0, 178.0))
 DATA_ENV = "DPDM_TIGGE_FILE"
 FILE_NAME = "tigge_ecmwf_0p45_20070510_east.nc"
+SAMPLE_FILE = "test_box.nc"  # the test box's truth and static fields, shipped with the five-variable model
 
 
 def find_data(path: str | os.PathLike | None = None) -> Path:
@@ -100,3 +102,28 @@ def training_options(path: str | os.PathLike | None = None, variables=VARIABLES)
         validation_lon_box=list(VALIDATION_BOX[1]), static_files={"topography": f, "land_sea_mask": f},
         static_map={"orog": "topography", "lsm": "land_sea_mask"}, scale_factor=SCALE_FACTOR,
     )
+
+
+def write_test_sample(test: TiggeTest, path: str | os.PathLike) -> Path:
+    """The test box's truth and static fields as one small netCDF (the input is their block mean, so it is not
+    stored): what the five-variable model ships so that ``dpdm demo`` runs without the TIGGE file."""
+    from .io import netcdf_encoding
+
+    ds = xr.merge([test.truth, test.static])
+    ds.attrs = {"title": "TIGGE five-variable benchmark, test box (truth at 0.45 deg and static fields)",
+                "source": "ECMWF TIGGE control forecast 2007-05-05 00Z +120 h (pygrib 2.1.8 sdist "
+                          "sampledata/ecmwf_tigge.grb); see dpdm_diffusers/tigge.py",
+                "dpdm_test_box": str(TEST_BOX), "Conventions": "CF-1.8"}
+    path = Path(path)
+    ds.to_netcdf(path, encoding=netcdf_encoding(ds, chunked=False))
+    return path
+
+
+def load_test_sample(path: str | os.PathLike) -> TiggeTest:
+    """A :func:`write_test_sample` file as a :class:`TiggeTest` (input = the truth's 4 x 4 block mean)."""
+    from . import data
+
+    ds = xr.load_dataset(path)
+    truth = ds[[v for v in VARIABLES if v in ds.data_vars]]
+    pairs = data.make_pairs(truth, scale_factor=SCALE_FACTOR)
+    return TiggeTest(pairs.low_res.load(), truth, ds[["topography", "land_sea_mask"]])

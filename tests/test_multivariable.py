@@ -57,7 +57,7 @@ def test_interpolation_per_variable_matches_each_method_alone():
 def _precip_pipeline(dry_threshold=(0.0, 0.5), interpolation=("bicubic", "bilinear"), transform="sqrt"):
     pipe = make_pipeline(variables=VARS, units=["K", "mm"], transforms=["identity", transform])
     cfg = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in pipe.components}
-    cfg.update(norm_mean=[280.0, 1.0], norm_std=[10.0, 1.0], interpolation=list(interpolation),
+    cfg.update(norm_mean=[0.0, 1.0], norm_std=[10.0, 1.0], interpolation=list(interpolation),
                dry_threshold=list(dry_threshold))
     out = DownscalingPipeline(unet=pipe.unet, scheduler=pipe.scheduler, **cfg)
     out.set_progress_bar_config(disable=True)
@@ -67,6 +67,7 @@ def _precip_pipeline(dry_threshold=(0.0, 0.5), interpolation=("bicubic", "biline
 def _precip_low_res():
     low = make_low_res(variables=VARS, units=["K", "mm"], ntime=1)
     low["pr"] = (low["pr"] - 280.0).clip(min=0).assign_attrs(units="mm")  # 0 .. a few mm, with dry cells
+    low["tas"] = (low["tas"] - 280.0).assign_attrs(units="K")  # an anomaly (like a wind): both signs
     return low
 
 
@@ -76,6 +77,8 @@ def test_precipitation_output_is_non_negative_with_exact_zeros_below_the_dry_thr
                generator=torch.Generator().manual_seed(0))
     pr = out.members.pr.values
     assert pr.min() >= 0 and not ((pr > 0) & (pr < 0.5)).any() and (pr == 0).any()
+    tas = out.members.tas.values  # a threshold of 0 leaves other variables alone, their negative values too
+    assert tas.min() < -1 and tas.max() > 1
     assert pipe.config.interpolation == ["bicubic", "bilinear"]
     with pytest.raises(ValueError, match="dry_threshold"):
         _precip_pipeline(dry_threshold=(0.0, -1.0))
