@@ -172,6 +172,12 @@ def calibrate(
     lat_box: str | None = typer.Option(None, help="With files: region south,north."),
     lon_box: str | None = typer.Option(None, help="With files: region west,east."),
     low_res: list[str] = typer.Option([], "--low-res", help="With files: a real low-res source (default: block means)."),
+    unit: list[str] = typer.Option([], "--unit", help="With files: units of a variable whose file has none (or to "
+                                   "convert to), e.g. tp=mm."),
+    static: list[str] = typer.Option([], "--static", help="With files: static file per channel, e.g. "
+                                     "topography=orog.nc (default: packaged global data)."),
+    static_map: list[str] = typer.Option([], "--static-map", help="With files: name in a --static file = channel."),
+    regular_grid: bool = typer.Option(False, help="With files: put Gaussian latitudes on a regular grid."),
     max_samples: int = typer.Option(16, min=1, help="Validation fields used."),
     members: int = typer.Option(8, min=2, help="Ensemble size of the calibration run."),
     steps: int = typer.Option(10, min=1, help="Denoising steps (calibrate for the step count you sample with)."),
@@ -189,10 +195,13 @@ def calibrate(
             model, high_res or None, num_members=members, num_inference_steps=steps, target=target, seed=seed,
             write=write, benchmark=benchmark, validation_time=_pair(validation_time, "--validation-time"),
             variable_map=parse_mapping(variable), lat_box=_pair(lat_box, "--lat-box"),
-            lon_box=_pair(lon_box, "--lon-box"), low_res=low_res, max_samples=max_samples)
+            lon_box=_pair(lon_box, "--lon-box"), low_res=low_res, max_samples=max_samples, units=parse_mapping(unit),
+            regular_grid=regular_grid, static_files=parse_mapping(static), static_map=parse_mapping(static_map))
     except (KeyError, ValueError, FileNotFoundError) as err:
         raise typer.BadParameter(str(err).strip("'\"")) from None
-    typer.echo(json.dumps({k: v for k, v in res.items() if k not in ("curve", "written")}, indent=2))
+    summary = {k: v for k, v in res.items() if k not in ("curve", "written", "per_variable")}
+    summary["per_variable"] = {v: {k: x for k, x in r.items() if k != "curve"} for v, r in res["per_variable"].items()}
+    typer.echo(json.dumps(summary, indent=2))
     if write:
         typer.echo(f"wrote stochastic_std={res['stochastic_std']} to {res['written']}")
 
@@ -220,6 +229,8 @@ def finetune(
                                          help="Variable name in a --static file = channel, e.g. orog=topography."),
     low_res: list[str] = typer.Option([], "--low-res",
                                       help="A real low-res source (default: block means of the high-res)."),
+    unit: list[str] = typer.Option([], "--unit", help="Units of a variable whose file has none, e.g. tp=mm (data is "
+                                   "converted to the model's units in any case)."),
     train_time: str | None = typer.Option(None, help="Training period start,end (inclusive), e.g. 1860,2000."),
     validation_time: str | None = typer.Option(None, help="Validation period start,end: scores, spread calibration."),
     lat_box: str | None = typer.Option(None, help="Region south,north (trimmed to whole coarse cells, logged)."),
@@ -247,6 +258,7 @@ def finetune(
     A regression (deterministic) model is fine-tuned as one; a plain diffusion model likewise.
     Same as `accelerate launch -m dpdm_diffusers.training.train_dpdm --init_from MODEL ...`, which scales to GPUs.
     """
+    from dpdm_diffusers.data import parse_mapping
     from dpdm_diffusers.training.config import render_command
     from dpdm_diffusers.training.finetune import base_objective, finetune_config
     from dpdm_diffusers.training.train_dpdm import run
@@ -262,6 +274,7 @@ def finetune(
             lon_box=lon_box, validation_lat_box=validation_lat_box, validation_lon_box=validation_lon_box,
             steps=steps, regression_steps=regression_steps, batch_size=batch_size, learning_rate=learning_rate,
             seed=seed, regular_grid=regular_grid, config=config, resume=resume, objective=objective,
+            **({"units": parse_mapping(unit)} if unit else {}),
         )
         typer.echo("dpdm finetune runs: " + render_command(cfg))
         out = run(cfg)

@@ -70,10 +70,13 @@ def box_indices(grid: Grid, scale_factor: int, lat_box, lon_box) -> tuple[slice,
         if not box:
             out.append(slice(0, coord.size * scale_factor))
             continue
-        lo, hi = sorted(float(b) for b in box)
-        if name == "lon":  # compare in the grid's own longitude convention
-            lo, hi = (lo - coord[0]) % 360 + coord[0], (hi - coord[0]) % 360 + coord[0]
-        idx = np.nonzero((coord >= lo - 1e-9) & (coord <= hi + 1e-9))[0]
+        if name == "lon":  # eastwards from the west edge, in any longitude convention (a box may overhang the data)
+            west, east = (float(b) for b in box)
+            width = (east - west) % 360 or 360.0
+            idx = np.nonzero((coord - west) % 360 <= width + 1e-9)[0]
+        else:
+            lo, hi = sorted(float(b) for b in box)
+            idx = np.nonzero((coord >= lo - 1e-9) & (coord <= hi + 1e-9))[0]
         if idx.size == 0:
             raise ValueError(f"The validation {name} box {list(box)} holds no coarse cell centre "
                              f"(the data's coarse {name} is {coord.min():.4g} .. {coord.max():.4g}).")

@@ -138,10 +138,12 @@ def evaluate_benchmark(model: str = str(DEFAULT_MODEL), *, benchmark: str = "glo
 def calibration_data(pipe, high_res: Sequence[str] | None = None, *, benchmark: str = "glosea4-ts-x4",
                      validation_time: Sequence[str] = (), variable_map: Mapping[str, str] | None = None,
                      lat_box: Sequence[float] = (), lon_box: Sequence[float] = (), low_res: Sequence[str] = (),
-                     max_samples: int = 16):
+                     max_samples: int = 16, units: Mapping[str, str] | None = None, regular_grid: bool = False,
+                     static_files: Mapping[str, str] | None = None, static_map: Mapping[str, str] | None = None):
     """``(low, truth, static_fields)`` to calibrate ``pipe``'s spread on: your high-res files (all of them, or
     ``validation_time``; block means unless a real ``low_res`` source is given), or the benchmark's validation
-    split when no files are given."""
+    split when no files are given. ``units``, ``regular_grid``, ``static_files``, ``static_map``: as for
+    :func:`dpdm_diffusers.user_data.load_region` (declared units, Gaussian grids, your static fields)."""
     if not high_res:
         from dpdm_diffusers.glosea4 import load_glosea4_benchmark
 
@@ -160,8 +162,9 @@ def calibration_data(pipe, high_res: Sequence[str] | None = None, *, benchmark: 
         region = load_region(
             list(high_res), scale_factor=cfg.scale_factor, low_res=list(low_res) or None,
             variables=list(cfg.variables), variable_map=dict(variable_map or {}),
-            units=dict(zip(cfg.variables, cfg.units)), lat_box=list(lat_box), lon_box=list(lon_box),
-            static_channels=list(cfg.static_channels), validation_time=list(validation_time),
+            units=dict(zip(cfg.variables, cfg.units)), declared_units=units, lat_box=list(lat_box),
+            lon_box=list(lon_box), regular_grid=regular_grid, static_channels=list(cfg.static_channels),
+            static_files=static_files, static_map=static_map, validation_time=list(validation_time),
         )
     if region.validation is None:
         region.validation = {}  # every field of the files

@@ -238,3 +238,28 @@ def test_evaluate_any_model_on_any_files(tmp_path, static):
     res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "truth.nc"), "--model", str(tmp_path / "model"),
                                    "--baselines", "nearest"])
     assert res.exit_code != 0 and "Unknown baseline" in res.output
+
+
+def test_dpdm_train_builds_a_two_stage_model_from_scratch_on_gaussian_files(tmp_path):
+    """`dpdm train` on a file with Gaussian latitudes, GRIB units and its own orog/lsm: both stages, precipitation
+    interpolated bilinearly with a dry threshold, each variable's spread calibrated on the validation box."""
+    from typer.testing import CliRunner
+
+    from dpdm_diffusers.cli import app
+
+    f = str(_gaussian_file(tmp_path))
+    out = tmp_path / "model"
+    res = CliRunner().invoke(app, [
+        "train", f, "-o", str(out), "--variables", "2t,tp", "--unit", "tp=mm", "--regular-grid",
+        "--static", f"topography={f}", "--static", f"land_sea_mask={f}", "--static-map", "orog=topography",
+        "--static-map", "lsm=land_sea_mask", "--validation-lat-box=46,60", "--validation-lon-box", "230,250",
+        "--preset", "tiny", "--steps", "2", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    assert "dpdm train runs: python -m dpdm_diffusers.training.train_dpdm" in res.output
+    pipe = DownscalingPipeline.from_pretrained(out)
+    cfg = pipe.config
+    assert pipe.regression_unet is not None and (out / "stage1-regression" / "model_index.json").exists()
+    assert cfg.units == ["K", "mm"] and cfg.transforms == ["identity", "log1p"]
+    assert cfg.interpolation == ["bicubic", "bilinear"] and cfg.dry_threshold == [0.0, pytest.approx(0.1)]
+    card = (out / "README.md").read_text()
+    assert "- 2t: factor" in card and "- tp: factor" in card  # one spread factor per variable, in the card
