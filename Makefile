@@ -39,8 +39,10 @@ test-slow: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(PY) -m ruff check .
 
+# surface temperature (GloSea4 test month), then the five-variable model on the TIGGE test box (precipitation members)
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/dpdm demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/dpdm demo --model models/dpdm-tigge-5var-x4 --out-dir outputs/five-variables
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache build *.egg-info

@@ -78,11 +78,12 @@ def evaluate_all(runs: Path, results: Path, names, members: list[int], steps: in
     scores = score_fields(truth, forecasts, scale_factor=tigge.SCALE_FACTOR, precipitation=["tp"])
     # precipitation's transform at the per-variable budget: log1p (default) vs sqrt
     tp_scores = None
-    if (runs / "single-tp-sqrt" / "model_index.json").exists() and (runs / "single-tp" / "model_index.json").exists():
+    variants = [n for n in ("single-tp", "single-tp-sqrt", "single-tp-bicubic") if (runs / n / "model_index.json").exists()]
+    if len(variants) > 1:
         tp_fc = {}
-        for name in ("single-tp", "single-tp-sqrt"):
+        for name in variants:
             pipe = _load(runs / name)
-            label = f"tp {pipe.config.transforms[0]}"
+            label = f"tp {pipe.config.transforms[0]} {pipe.config.interpolation}"
             tp_fc.update(forecasts_from_pipeline(pipe, low[["tp"]], static, members=members,
                                                  num_inference_steps=steps, label=label, baselines=("regression",)))
             tp_fc[f"{label} regression stage"] = tp_fc.pop("regression stage")
@@ -122,7 +123,8 @@ def evaluate_all(runs: Path, results: Path, names, members: list[int], steps: in
                                                          f"per-variable, {big} members")],
     ]
     if tp_scores is not None:
-        lines += ["", "## Precipitation's transform: log1p vs sqrt (per-variable tp models, equal budget)", "",
+        lines += ["", "## Precipitation's transform (log1p vs sqrt) and interpolation (bilinear vs bicubic): per-variable "
+                  "tp models, equal budget", "",
                   tp_scores.markdown()]
     lines += notes
     results.mkdir(parents=True, exist_ok=True)

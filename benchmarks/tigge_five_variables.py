@@ -47,6 +47,8 @@ def model_configs() -> dict[str, dict]:
                                   "regression_steps": per_var}
     # precipitation's transform: the per-variable tp model again with sqrt instead of the default log1p
     configs["single-tp-sqrt"] = {**configs["single-tp"], "transforms": ["sqrt"]}
+    # and its interpolation: bicubic (clipped at zero by the transform) instead of bilinear
+    configs["single-tp-bicubic"] = {**configs["single-tp"], "interpolation": "bicubic"}
     return configs
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import make_low_res, make_pipeline
+from conftest import make_low_res, make_pipeline, make_static
 
 from dpdm_diffusers import DownscalingPipeline
 from dpdm_diffusers.grids import Grid, interpolate, interpolate_variables
@@ -263,3 +263,32 @@ def test_dpdm_train_builds_a_two_stage_model_from_scratch_on_gaussian_files(tmp_
     assert cfg.interpolation == ["bicubic", "bilinear"] and cfg.dry_threshold == [0.0, pytest.approx(0.1)]
     card = (out / "README.md").read_text()
     assert "- 2t: factor" in card and "- tp: factor" in card  # one spread factor per variable, in the card
+
+
+def test_the_five_variable_demo_runs_on_the_sample_a_model_ships(tmp_path):
+    """`dpdm demo --model <five-variable model>`: the test box shipped beside the weights, scores per variable and
+    a precipitation-members figure, no TIGGE file needed."""
+    from dpdm_diffusers import tigge
+    from dpdm_diffusers.workflows import run_demo
+
+    names, units = tigge.VARIABLES, ["K", "m s**-1", "m s**-1", "Pa", "mm"]
+    pipe = make_pipeline(variables=names, units=units, transforms=["identity"] * 4 + ["log1p"])
+    cfg = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in pipe.components}
+    cfg.update(norm_mean=[280.0, 0.0, 0.0, 95000.0, 1.0], norm_std=[10.0, 5.0, 5.0, 5000.0, 1.0])
+    model = tmp_path / "five"
+    DownscalingPipeline(unet=pipe.unet, scheduler=pipe.scheduler, **cfg).save_pretrained(model)
+    grid = Grid(np.arange(16) * 0.5 + 20.25, np.arange(24) * 0.5 + 120.25)
+    rng = np.random.default_rng(0)
+    shape, coords = grid.shape, {"lat": grid.lat, "lon": grid.lon}
+    values = {"2t": 285 + rng.normal(0, 2, shape), "10u": rng.normal(0, 3, shape), "10v": rng.normal(0, 3, shape),
+              "sp": 95000 + rng.normal(0, 500, shape), "tp": rng.gamma(0.5, 8, shape)}
+    truth = xr.Dataset({v: (("lat", "lon"), values[v].astype("float32"), {"units": u}) for v, u in zip(names, units)},
+                       coords=coords)
+    static = xr.Dataset(make_static(grid))
+    tigge.write_test_sample(tigge.TiggeTest(None, truth, static), model / tigge.SAMPLE_FILE)
+    res = run_demo(str(model), num_members=3, num_inference_steps=2, out_dir=tmp_path / "out")
+    assert res.figure.name == "demo_tp.png" and res.figure.stat().st_size > 10_000
+    out = xr.open_dataset(res.netcdf)
+    assert out.tp.dims == ("member", "lat", "lon") and out.tp.shape == (3, 16, 24) and float(out.tp.min()) >= 0
+    assert {"tp_truth", "2t_mean"} <= set(out.data_vars)
+    assert "Precipitation `tp`" in res.markdown and "DPDM, 3 members" in res.markdown
