@@ -105,7 +105,7 @@ def compute_statistics(
     variables
         Variables in config order; default: all data variables of ``high_res``.
     transforms
-        ``"identity"``/``"log1p"`` per variable (list, mapping or one string); default by name
+        ``"identity"``/``"log1p"``/``"sqrt"`` per variable (list, mapping or one string); default by name
         (:func:`default_transform`: log1p for precipitation).
     train
         Selection of the training split passed to ``.sel`` on both datasets, e.g.

@@ -108,7 +108,8 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             Any diffusers scheduler; the default is DDPM with the cosine schedule and no clipping.
         variables (`list[str]`): names of the V variables, in channel order.
         units (`list[str]`): physical units of each variable (inputs with other units are refused).
-        transforms (`list[str]`): ``"identity"`` or ``"log1p"`` (non-negative fields such as precipitation).
+        transforms (`list[str]`): ``"identity"``, or ``"log1p"`` / ``"sqrt"`` for non-negative fields such as
+            precipitation.
         norm_mean, norm_std (`list[float]`): per-variable statistics in transformed space.
         residual_std (`list[float]`): per-variable std of the normalised residual (residual target only).
         static_channels (`list[str]`): names of the S static fields, e.g. ``["topography", "land_sea_mask"]``.
@@ -502,7 +503,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                 every member the difference between the input and the member's own block means, so that each member
                 coarsens back to the input exactly: the L2 projection onto fields consistent with the input
                 (`dpdm_diffusers.conservation`). Additive for ``identity`` variables, multiplicative for ``log1p``
-                (non-negative) ones. Needs the default target grid (the low-res grid refined).
+                and ``sqrt`` (non-negative) ones. Needs the default target grid (the low-res grid refined).
             latents (`torch.Tensor`, *optional*): the initial noise in model space, ``(num_members * batch, V, H, W)``
                 or ``(num_members, batch, V, H, W)``, members major, on the canvas (the target grid, padded to at
                 least one patch: ``max(H, patch_size)``). Unscaled unit Gaussian, as diffusers' ``prepare_latents``
