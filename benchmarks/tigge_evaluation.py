@@ -21,6 +21,8 @@ RMSE_TARGETS = {"sp": 0.3, "2t": 0.7, "10u": 0.8, "10v": 0.8, "tp": 0.9}
 TP_CRPS_TARGET = 0.7  # x bicubic's MAE
 SSR_RANGE = (0.8, 1.2)
 TP_TARGETS = {"wet>=0.1": 0.10, "p99": 0.15, "mean": 0.05}  # relative error to the truth
+# the joint model (1000 steps per stage) and the same recipe at the per-variable models' 200 steps
+JOINT_MODELS = ("joint", "joint-short", "joint-short-bicubic")
 
 
 def _load(path: Path) -> DownscalingPipeline:
@@ -34,9 +36,10 @@ def _merge(parts: list[dict[str, xr.Dataset]]) -> dict[str, xr.Dataset]:
     return {k: xr.merge([p[k] for p in parts], compat="override") for k in parts[0]}
 
 
-def target_rows(scores, joint: str, per_var: str) -> list[list[str]]:
+def target_rows(scores, members: int) -> list[list[str]]:
     rows = []
-    for label, ens in (("joint", joint), ("per-variable", per_var)):
+    for label in (*JOINT_MODELS, "per-variable"):
+        ens = f"{label}, {members} members"
         if not any(scores.table.method == ens):
             continue
         for v, target in RMSE_TARGETS.items():
@@ -64,10 +67,12 @@ def evaluate_all(runs: Path, results: Path, names, members: list[int], steps: in
     target = Grid.from_xarray(truth)
     forecasts = {"bilinear": regrid(low, target, "bilinear"), "bicubic": regrid(low, target, "bicubic")}
     notes = []
-    if (runs / "joint" / "model_index.json").exists():
-        joint = forecasts_from_pipeline(_load(runs / "joint"), low, static, members=members,
-                                        num_inference_steps=steps, label="joint", baselines=("regression",))
-        forecasts.update({("joint regression stage" if k == "regression stage" else k): v for k, v in joint.items()})
+    for name in JOINT_MODELS:
+        if (runs / name / "model_index.json").exists():
+            joint = forecasts_from_pipeline(_load(runs / name), low, static, members=members,
+                                            num_inference_steps=steps, label=name, baselines=("regression",))
+            forecasts.update({(f"{name} regression stage" if k == "regression stage" else k): v
+                              for k, v in joint.items()})
     singles = [runs / f"single-{v}" for v in tigge.VARIABLES]
     if all((s / "model_index.json").exists() for s in singles):
         parts = [forecasts_from_pipeline(_load(s), low[[v]], static, members=members, num_inference_steps=steps,
@@ -119,8 +124,7 @@ def evaluate_all(runs: Path, results: Path, names, members: list[int], steps: in
         "",
         "| model | variable | ratio / error | target | spread-skill | 0.8-1.2 |",
         "|---|---|---|---|---|---|",
-        *["| " + " | ".join(r) + " |" for r in target_rows(scores, f"joint, {big} members",
-                                                         f"per-variable, {big} members")],
+        *["| " + " | ".join(r) + " |" for r in target_rows(scores, big)],
     ]
     if tp_scores is not None:
         lines += ["", "## Precipitation's transform (log1p vs sqrt) and interpolation (bilinear vs bicubic): per-variable "

@@ -305,8 +305,8 @@ def train(
     validation_lat_box: str | None = typer.Option(None, help="Spatial validation box south,north (few time steps)."),
     validation_lon_box: str | None = typer.Option(None, help="Spatial validation box west,east."),
     preset: str = typer.Option("fast", help="UNet size: tiny, fast, small or paper."),
-    interpolation: str | None = typer.Option(None, help="bilinear, bicubic or one per variable (default: bicubic, "
-                                             "bilinear for precipitation)."),
+    interpolation: str | None = typer.Option(None, help="bilinear, bicubic or one per variable, e.g. "
+                                             "bicubic,bilinear (default: bicubic)."),
     transforms: str | None = typer.Option(None, help="One per variable: identity, log1p, sqrt (default: log1p for "
                                           "precipitation)."),
     dry_threshold: list[str] = typer.Option([], "--dry-threshold", help="variable=amount below which output is 0 "

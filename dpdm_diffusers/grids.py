@@ -155,7 +155,7 @@ def interpolation_methods(interpolation, num_variables: int) -> list[str]:
 
 def interpolate_variables(values: np.ndarray, src: Grid, dst: Grid, methods) -> np.ndarray:
     """:func:`interpolate` of ``(..., V, lat, lon)`` with each variable's own method (:func:`interpolation_methods`),
-    e.g. bicubic for temperature and bilinear for precipitation, whose bicubic overshoots below zero at rain edges."""
+    e.g. bicubic for temperature and bilinear for a precipitation field whose bicubic overshoot must never exist."""
     values = np.asarray(values)
     methods = interpolation_methods(methods, values.shape[-3])
     if len(set(methods)) == 1:

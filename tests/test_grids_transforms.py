@@ -117,7 +117,7 @@ def test_invalid_normalizer_configs():
     with pytest.raises(ValueError, match="entries for 2 variables"):
         Normalizer(["a", "b"], ["identity"], [0, 0], [1, 1])
     with pytest.raises(ValueError, match="Unknown transform"):
-        Normalizer(["a"], ["sqrt"], [0], [1])
+        Normalizer(["a"], ["cbrt"], [0], [1])
     with pytest.raises(ValueError, match="> 0"):
         Normalizer(["a"], ["identity"], [0], [0])
     with pytest.raises(ValueError, match="prediction"):

@@ -200,8 +200,8 @@ def test_train_config_defaults_two_stage_interpolation_and_dry_threshold(tmp_pat
     assert cfg.two_stage and cfg.init_from is None and cfg.units == {"tp": "mm"} and cfg.dry_threshold == {"tp": 0.2}
     cfg, kind = resolve_options(cfg)
     assert kind is None and cfg.interpolation == "auto"
-    assert default_interpolation("auto", ["identity", "log1p"]) == ["bicubic", "bilinear"]
-    assert default_interpolation("auto", ["identity"]) == "bicubic"
+    assert default_interpolation("auto", ["identity", "log1p"]) == "bicubic"
+    assert default_interpolation(["bicubic", "bilinear"], ["identity", "log1p"]) == ["bicubic", "bilinear"]
     assert dry_thresholds({}, ["2t", "tp", "pr"], ["K", "m", "kg m-2"], ["identity", "sqrt", "log1p"]) == \
         pytest.approx([0.0, 1e-4, 0.1])
     with pytest.raises(SystemExit, match="two_stage"):
@@ -241,8 +241,8 @@ def test_evaluate_any_model_on_any_files(tmp_path, static):
 
 
 def test_dpdm_train_builds_a_two_stage_model_from_scratch_on_gaussian_files(tmp_path):
-    """`dpdm train` on a file with Gaussian latitudes, GRIB units and its own orog/lsm: both stages, precipitation
-    interpolated bilinearly with a dry threshold, each variable's spread calibrated on the validation box."""
+    """`dpdm train` on a file with Gaussian latitudes, GRIB units and its own orog/lsm: both stages, bicubic
+    interpolation, precipitation with a dry threshold, each variable's spread calibrated on the validation box."""
     from typer.testing import CliRunner
 
     from dpdm_diffusers.cli import app
@@ -260,7 +260,7 @@ def test_dpdm_train_builds_a_two_stage_model_from_scratch_on_gaussian_files(tmp_
     cfg = pipe.config
     assert pipe.regression_unet is not None and (out / "stage1-regression" / "model_index.json").exists()
     assert cfg.units == ["K", "mm"] and cfg.transforms == ["identity", "log1p"]
-    assert cfg.interpolation == ["bicubic", "bilinear"] and cfg.dry_threshold == [0.0, pytest.approx(0.1)]
+    assert cfg.interpolation == "bicubic" and cfg.dry_threshold == [0.0, pytest.approx(0.1)]
     card = (out / "README.md").read_text()
     assert "- 2t: factor" in card and "- tp: factor" in card  # one spread factor per variable, in the card
 

@@ -83,8 +83,8 @@ class TrainingConfig:
     unet_preset: str | None = None  # default "small"; fine-tuning keeps the base model's architecture
     patch_size: positive | None = None  # default: the base model's, else 64
     prediction: Literal["residual", "full"] | None = None  # default: the base model's, else "residual"
-    # one for all variables or one per variable; default: the base model's, else "auto" (bicubic, and bilinear for
-    # non-negative variables such as precipitation, where bicubic overshoots below zero)
+    # one for all variables or one per variable; default: the base model's, else "auto" (bicubic: measured best for
+    # all five TIGGE variables, precipitation too, whose rare negative overshoot the transform clips)
     interpolation: Literal["bilinear", "bicubic", "auto"] | list[Literal["bilinear", "bicubic"]] | None = None
     # or "regression" (deterministic baseline, same UNet)
     objective: Literal["diffusion", "regression"] = "diffusion"

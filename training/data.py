@@ -141,14 +141,12 @@ def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=No
 
 
 def default_interpolation(interpolation, transforms) -> str | list[str]:
-    """``"auto"`` -> bicubic (the best interpolation on every TIGGE variable), bilinear for non-negative variables
-    (bicubic overshoots below zero at rain edges); anything else as given."""
-    from dpdm_diffusers.transforms import NON_NEGATIVE_TRANSFORMS
-
-    if interpolation not in (None, "auto"):
-        return interpolation
-    methods = ["bilinear" if t in NON_NEGATIVE_TRANSFORMS else "bicubic" for t in transforms]
-    return methods[0] if len(set(methods)) == 1 else methods
+    """``"auto"`` -> bicubic for every variable; anything else as given. Measured on the TIGGE benchmark
+    (benchmarks/results/tigge_five_variables.md): bicubic is the best interpolation of all five variables, and as the
+    base of a precipitation model it beats bilinear in RMSE, CRPS and reliability; its rare overshoot below zero at
+    rain edges (3% of points, 0.03% of the total) is clipped by the non-negative transforms."""
+    del transforms  # kept in the signature: a future default may depend on them again
+    return "bicubic" if interpolation in (None, "auto") else interpolation
 
 
 # precipitation's dry threshold when none is given: 0.1 mm (the usual "wet day" floor is 0.1-1 mm)

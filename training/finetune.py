@@ -153,7 +153,7 @@ def train_config(high_res: Sequence[str], *, output_dir: str | Path, variables: 
         objective: ``"two-stage"`` (regression mean + residual diffusion), ``"diffusion"`` or ``"regression"``.
         unet_preset, patch_size, scale_factor: The model's shape (defaults: ``fast``... see ``TrainingConfig``).
         interpolation: ``bilinear``, ``bicubic``, one per variable (``"bicubic,bicubic,bilinear"``) or the default
-            ``auto`` (bicubic, bilinear for precipitation).
+            ``auto`` (bicubic).
         transforms: One per variable, e.g. ``["identity", "sqrt"]`` (default: log1p for precipitation).
         dry_threshold: ``"variable=amount"`` in its units (default 0.1 mm for precipitation).
     """
