@@ -44,7 +44,7 @@ def default_transform(name: str, attrs: Mapping[str, Any] | None = None) -> str:
     return "identity"
 
 
-def resolve_transforms(ds: xr.Dataset, variables: Sequence[str], transforms) -> list[str]:
+def _resolve_transforms(ds: xr.Dataset, variables: Sequence[str], transforms) -> list[str]:
     if transforms is None:
         return [default_transform(v, ds[v].attrs) for v in variables]
     if isinstance(transforms, str):
@@ -127,7 +127,7 @@ def compute_statistics(
         missing = [v for v in variables if v not in ds.data_vars]
         if missing:
             raise KeyError(f"`{name}` lacks variables {missing}; it holds {sorted(map(str, ds.data_vars))}.")
-    transforms = resolve_transforms(high_res, variables, transforms)
+    transforms = _resolve_transforms(high_res, variables, transforms)
     if train is not None:
         high_res, lerp = high_res.sel(**train), lerp.sel(**train)
         if mask is not None:

@@ -200,8 +200,8 @@ def test_train_config_defaults_two_stage_interpolation_and_dry_threshold(tmp_pat
     assert cfg.two_stage and cfg.init_from is None and cfg.units == {"tp": "mm"} and cfg.dry_threshold == {"tp": 0.2}
     cfg, kind = resolve_options(cfg)
     assert kind is None and cfg.interpolation == "auto"
-    assert default_interpolation("auto", ["identity", "log1p"]) == "bicubic"
-    assert default_interpolation(["bicubic", "bilinear"], ["identity", "log1p"]) == ["bicubic", "bilinear"]
+    assert default_interpolation("auto") == "bicubic" and default_interpolation(None) == "bicubic"
+    assert default_interpolation(["bicubic", "bilinear"]) == ["bicubic", "bilinear"]
     assert dry_thresholds({}, ["2t", "tp", "pr"], ["K", "m", "kg m-2"], ["identity", "sqrt", "log1p"]) == \
         pytest.approx([0.0, 1e-4, 0.1])
     with pytest.raises(SystemExit, match="two_stage"):

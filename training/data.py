@@ -103,15 +103,13 @@ def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=No
     Raises:
         ValueError: The data lacks a variable of the base model.
     """
-    from dpdm_diffusers.statistics import compute_statistics, resolve_transforms
+    from dpdm_diffusers.statistics import compute_statistics
 
-    variables = list(pairs.high_res.data_vars)
     if base_config is not None:  # the base model's (or the regression stage's) way of interpolating, unless given
         if cfg.interpolation in (None, "auto"):
             cfg.interpolation = base_config["interpolation"]
     else:
-        cfg.interpolation = default_interpolation(cfg.interpolation, resolve_transforms(pairs.high_res, variables,
-                                                                                       cfg.transforms or None))
+        cfg.interpolation = default_interpolation(cfg.interpolation)
     if base_config is not None and not cfg.recompute_statistics:
         keys = ("variables", "units", "transforms", "norm_mean", "norm_std", "residual_std",
                 "static_channels", "static_mean", "static_std")
@@ -119,7 +117,8 @@ def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=No
         missing = [v for v in stats["variables"] if v not in pairs.high_res.data_vars]
         if missing:
             raise ValueError(f"The base model downscales {stats['variables']}, the data lacks {missing}.")
-        stats["dry_threshold"] = list(base_config.get("dry_threshold") or [0.0] * len(stats["variables"]))
+        base_dry = list(base_config.get("dry_threshold") or [0.0] * len(stats["variables"]))
+        stats["dry_threshold"] = [float(cfg.dry_threshold.get(v, d)) for v, d in zip(stats["variables"], base_dry)]
         return stats
     mask = None
     keep = outside_box(pairs.grid.shape, exclude_box)
@@ -140,12 +139,11 @@ def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=No
     return stats
 
 
-def default_interpolation(interpolation, transforms) -> str | list[str]:
+def default_interpolation(interpolation) -> str | list[str]:
     """``"auto"`` -> bicubic for every variable; anything else as given. Measured on the TIGGE benchmark
     (benchmarks/results/tigge_five_variables.md): bicubic is the best interpolation of all five variables, and as the
     base of a precipitation model it beats bilinear in RMSE, CRPS and reliability; its rare overshoot below zero at
     rain edges (3% of points, 0.03% of the total) is clipped by the non-negative transforms."""
-    del transforms  # kept in the signature: a future default may depend on them again
     return "bicubic" if interpolation in (None, "auto") else interpolation
 
 
