@@ -66,12 +66,14 @@ class FieldScores:
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
         for v, rows in self.precipitation.items():
             keys = [k for k in rows[0] if k != "method"]
+            # ratios of the lowest wet threshold, the 99th percentile and the total (the truth's row is 1 by definition)
+            ratio_keys = [next(k for k in keys if k.startswith("wet>=")), "p99", "mean"]
             out += ["", f"Precipitation `{v}` ({self.units[v]}; ensembles pooled over members; ratios to the truth "
                     "in the last columns):", "",
-                    "| method | " + " | ".join(keys) + " | " + " | ".join(f"{k}/truth" for k in ("wet>=1", "p99", "mean"))
-                    + " |", "|---|" + "---|" * (len(keys) + 3)]
+                    "| method | " + " | ".join(keys) + " | " + " | ".join(f"{k}/truth" for k in ratio_keys)
+                    + " |", "|---|" + "---|" * (len(keys) + len(ratio_keys))]
             for r in rows:
-                ratios = [f"{r.get(k + '/truth', 1.0):.3f}" for k in ("wet>=1", "p99", "mean")]
+                ratios = [f"{r[k + '/truth']:.3f}" if r["method"] != "truth" else "1.000" for k in ratio_keys]
                 out.append(f"| {r['method']} | " + " | ".join(f"{r[k]:.4g}" for k in keys) + " | " + " | ".join(ratios)
                            + " |")
         if self.consistency:
