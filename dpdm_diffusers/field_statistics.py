@@ -12,11 +12,13 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
-__all__ = ["DEFAULT_WET_THRESHOLDS", "fine_scale_anomaly", "fine_scale_correlation", "precipitation_rows",
-           "precipitation_summary"]
+__all__ = ["DEFAULT_QUANTILES", "DEFAULT_WET_THRESHOLDS", "distribution_rows", "fine_scale_anomaly",
+           "fine_scale_correlation", "precipitation_rows", "precipitation_summary", "quantile_bias", "wasserstein"]
 
 # in mm (or kg m-2) of the accumulation scored; a rate in mm/day reads them as mm/day
 DEFAULT_WET_THRESHOLDS = (0.1, 1.0, 10.0)
+# the tails and the bulk of a distribution (CORDEX ML-Bench scores quantile biases like these)
+DEFAULT_QUANTILES = (0.01, 0.05, 0.95, 0.99)
 
 
 def _values(field: xr.DataArray) -> np.ndarray:
@@ -37,6 +39,30 @@ def precipitation_summary(field: xr.DataArray, thresholds: Sequence[float] = DEF
     out.update({"p95": float(np.percentile(v, 95)), "p99": float(np.percentile(v, 99)), "mean": float(v.mean()),
                 "negative": float(np.mean(v < -1e-6))})
     return out
+
+
+def quantile_bias(field: xr.DataArray, truth: xr.DataArray,
+                  quantiles: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, float]:
+    """Each quantile of ``field`` (every point and member pooled) minus the truth's, in the variable's units."""
+    f, y = _values(field), _values(truth)
+    qf, qy = np.quantile(f, quantiles), np.quantile(y, quantiles)
+    return {f"q{100 * q:g}": float(a - b) for q, a, b in zip(quantiles, qf, qy)}
+
+
+def wasserstein(field: xr.DataArray, truth: xr.DataArray) -> float:
+    """The first Wasserstein (earth mover's) distance between the values of ``field`` (every point and member pooled)
+    and the truth's, in the variable's units: how far the whole distribution is moved, tails included
+    (:func:`scipy.stats.wasserstein_distance`)."""
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(_values(field), _values(truth)))
+
+
+def distribution_rows(truth: xr.DataArray, forecasts: Mapping[str, xr.DataArray],
+                      quantiles: Sequence[float] = DEFAULT_QUANTILES) -> list[dict]:
+    """One row per method: :func:`quantile_bias` and :func:`wasserstein` against the truth."""
+    return [{"method": name, **quantile_bias(fc, truth, quantiles), "wasserstein": wasserstein(fc, truth)}
+            for name, fc in forecasts.items()]
 
 
 def fine_scale_anomaly(field: xr.DataArray, scale_factor: int) -> xr.DataArray:

@@ -6,6 +6,7 @@ scientist reads, per variable and in its own units:
 * the paper's Table 1 (RMSE, ACC, SSIM, PSNR) plus CRPS and spread-skill, for interpolation (bilinear, bicubic), the
   regression stage of a two-stage model, one member and the means of 10 and 33 members (:func:`metrics.score_table`);
 * rank-histogram reliability of the ensemble;
+* the distribution of every variable: 1st/5th/95th/99th percentile biases and the Wasserstein distance;
 * for precipitation-like variables: the wet fraction at several thresholds, the 95th and 99th percentiles, the
   total and negative values (:mod:`field_statistics`);
 * the cross-variable consistency of the fine-scale detail (e.g. 2t-tp, 10u-10v), truth vs members.
@@ -45,6 +46,7 @@ class FieldScores:
     consistency: list  # rows {"pair", "method", "correlation"}
     units: dict
     notes: list = field(default_factory=list)
+    distribution: dict = field(default_factory=dict)  # variable -> rows of field_statistics.distribution_rows
 
     def ratio(self, method: str, reference: str, variable: str, metric: str = "RMSE") -> float:
         """``method``'s score over ``reference``'s (e.g. RMSE of the 33-member mean over bicubic's)."""
@@ -63,6 +65,15 @@ class FieldScores:
             for m, per in self.reliability.items():
                 cells = [f"{per[v]['reliability_index']:.3f} / {per[v]['outside_fraction']:.3f}" if v in per else "–"
                          for v in self.units]
+                out.append(f"| {m} | " + " | ".join(cells) + " |")
+        if self.distribution:
+            methods = [r["method"] for r in next(iter(self.distribution.values()))]
+            out += ["", "Distributions (every point and member pooled; each variable in its units): 1st / 99th "
+                    "percentile bias and the Wasserstein distance to the truth:", "",
+                    "| method | " + " | ".join(self.distribution) + " |", "|---|" + "---|" * len(self.distribution)]
+            for i, m in enumerate(methods):
+                cells = [f"{rows[i]['q1']:+.3g} / {rows[i]['q99']:+.3g} / {rows[i]['wasserstein']:.3g}"
+                         for rows in self.distribution.values()]
                 out.append(f"| {m} | " + " | ".join(cells) + " |")
         for v, rows in self.precipitation.items():
             keys = [k for k in rows[0] if k != "method"]
@@ -91,8 +102,8 @@ class FieldScores:
 
     def to_json(self) -> dict:
         return {"table": self.table.to_dict(orient="records"), "reliability": self.reliability,
-                "precipitation": self.precipitation, "consistency": self.consistency, "units": self.units,
-                "notes": self.notes}
+                "distribution": self.distribution, "precipitation": self.precipitation,
+                "consistency": self.consistency, "units": self.units, "notes": self.notes}
 
 
 def _ensembles(forecasts: Mapping[str, xr.Dataset], members_dim: str) -> dict[str, xr.Dataset]:
@@ -127,11 +138,13 @@ def score_fields(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], *, scal
         for name, f in forecasts.items():
             consistency.append({"pair": f"{a}-{b}", "method": name, "correlation":
                                 field_statistics.fine_scale_correlation(f, a, b, scale_factor, members_dim)})
+    distribution = {v: field_statistics.distribution_rows(truth[v], {k: f[v] for k, f in forecasts.items()})
+                    for v in variables}
     units = {v: str(truth[v].attrs.get("units", "")) for v in variables}
     notes = [table.attrs.get("notes", "")]
     if not [d for d in truth.dims if d not in ("lat", "lon")]:
         notes.append("One truth field: ACC is its centred pattern correlation (anomalies against zero).")
-    return FieldScores(table, reliability, precip, consistency, units, notes)
+    return FieldScores(table, reliability, precip, consistency, units, notes, distribution)
 
 
 def forecasts_from_pipeline(pipe, low_res: xr.Dataset, static, *, members: Sequence[int] = (1, 10),

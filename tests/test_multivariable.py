@@ -233,6 +233,7 @@ def test_evaluate_any_model_on_any_files(tmp_path, static):
     assert res.exit_code == 0, res.output
     report = (tmp_path / "eval" / "scores.md").read_text()
     for text in ("bicubic", "regression stage", "model, 3 members", "Precipitation `pr`", "wet>=0.1", "tas-pr",
+                 "Wasserstein",
                  "Rank-histogram", "Command: `dpdm"):
         assert text in report
     res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "truth.nc"), "--model", str(tmp_path / "model"),
@@ -292,3 +293,16 @@ def test_the_five_variable_demo_runs_on_the_sample_a_model_ships(tmp_path):
     assert out.tp.dims == ("member", "lat", "lon") and out.tp.shape == (3, 16, 24) and float(out.tp.min()) >= 0
     assert {"tp_truth", "2t_mean"} <= set(out.data_vars)
     assert "Precipitation `tp`" in res.markdown and "DPDM, 3 members" in res.markdown
+
+
+def test_quantile_bias_and_wasserstein_against_known_values():
+    from dpdm_diffusers.field_statistics import quantile_bias, wasserstein
+
+    truth = xr.DataArray(np.arange(101.0), dims="x")
+    shifted = xr.DataArray(np.arange(101.0) + 2.0, dims="x")
+    assert quantile_bias(shifted, truth) == pytest.approx({"q1": 2.0, "q5": 2.0, "q95": 2.0, "q99": 2.0})
+    assert wasserstein(shifted, truth) == pytest.approx(2.0)
+    # an ensemble (member dim) is pooled: two members at -1 and +1 of the truth move nothing on average but widen
+    ens = xr.concat([truth - 1.0, truth + 1.0], dim="member")
+    assert quantile_bias(ens, truth, (0.5,)) == pytest.approx({"q50": 0.0})
+    assert 0 < wasserstein(ens, truth) <= 1.0
