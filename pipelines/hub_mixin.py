@@ -42,6 +42,22 @@ REQUIRED_CONFIG = ("variables", "units", "transforms", "norm_mean", "norm_std", 
 PATCHED_DIFFUSERS_FUNCTION = "diffusers.pipelines.pipeline_utils._get_pipeline_class"
 
 
+def drop_source_paths(folder) -> None:
+    """Remove ``_name_or_path`` (where a re-saved pipeline was loaded from: a machine path for local folders) from the
+    saved configs, so a shared folder never records the machine it was made on."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if name not in ("model_index.json", "config.json"):
+                continue
+            path = os.path.join(root, name)
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            if config.pop("_name_or_path", None) is not None:
+                with open(path, "w", encoding="utf-8") as f:
+                    json.dump(config, f, indent=2, sort_keys=True)
+                    f.write("\n")
+
+
 def write_pipeline_module(folder) -> None:
     """Make a saved folder loadable by ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)``: write
     the module stub and point ``model_index.json``'s ``_class_name`` at it."""
@@ -182,6 +198,7 @@ class DownscalingHubMixin:
             raise ValueError("dpdm-diffusers saves weights as safetensors only (safe_serialization=False would write "
                              "pickle files, which its loader refuses).")
         super().save_pretrained(save_directory, safe_serialization=True, variant=variant, push_to_hub=False)
+        drop_source_paths(save_directory)
         write_pipeline_module(save_directory)
         with open(os.path.join(save_directory, "README.md"), "w", encoding="utf-8") as f:
             f.write(self._card())

@@ -686,3 +686,10 @@ def test_conserve_needs_the_refined_grid_and_is_multiplicative_for_log1p(low_res
     out = rain(low, static_fields=static, num_inference_steps=2, num_members=2, conserve=True,
                generator=torch.Generator().manual_seed(0)).members.pr
     assert float(out.min()) >= 0 and np.abs(block_mean(out.values, 4) - low.pr.values[None]).max() < 1e-3
+
+
+def test_a_re_saved_folder_records_no_machine_path(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "a")
+    DownscalingPipeline.from_pretrained(tmp_path / "a").save_pretrained(tmp_path / "b")
+    saved = [p.read_text() for p in (tmp_path / "b").rglob("*.json")]
+    assert saved and not any(str(tmp_path) in text or "_name_or_path" in text for text in saved)
