@@ -24,6 +24,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Probabilistic downscaling with diffusion models (DPDM).")
 
 
+def _items(text: str | None) -> list[str]:
+    """``"a, b,c"`` -> ``["a", "b", "c"]``; nothing -> ``[]``."""
+    return [x.strip() for x in text.split(",") if x.strip()] if text else []
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -129,7 +134,6 @@ def evaluate(
     from dpdm_diffusers.data import parse_mapping
 
     command = "dpdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    split = lambda text: [b.strip() for b in text.split(",") if b.strip()]  # noqa: E731
     if truth:
         from dpdm_diffusers.file_evaluation import evaluate_files, write_scores
 
@@ -139,8 +143,9 @@ def evaluate(
                 static_files=parse_mapping(static), static_map=parse_mapping(static_map), regular_grid=regular_grid,
                 lat_box=_pair(lat_box, "--lat-box"), lon_box=_pair(lon_box, "--lon-box"),
                 time=_pair(time, "--time"), members=_ints(members), num_inference_steps=steps, seed=seed,
-                wet_thresholds=[float(x) for x in split(wet_thresholds)],
-                baselines=split(baselines) if baselines else ("bilinear", "bicubic", "regression"))
+                scheduler=scheduler,
+                wet_thresholds=[float(x) for x in _items(wet_thresholds)],
+                baselines=_items(baselines) if baselines else ("bilinear", "bicubic", "regression"))
         except (KeyError, ValueError, FileNotFoundError) as err:
             raise typer.BadParameter(str(err).strip("'\"")) from None
         path = write_scores(scores, out_dir, "scores", command=command)
@@ -153,7 +158,7 @@ def evaluate(
     try:
         result = evaluate_benchmark(
             model, benchmark=benchmark, members=_ints(members), regression_model=regression_model,
-            baselines=split(baselines or "lerp,bicubic,lerp_lapse,bicubic_lapse,regression"), scheduler=scheduler,
+            baselines=_items(baselines or "lerp,bicubic,lerp_lapse,bicubic_lapse,regression"), scheduler=scheduler,
             num_inference_steps=steps, seed=seed, max_fields=max_fields, conservation=conservation)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from None
@@ -327,15 +332,14 @@ def train(
     from dpdm_diffusers.training.finetune import train_config
     from dpdm_diffusers.training.train_dpdm import run
 
-    split = lambda text: [x.strip() for x in text.split(",") if x.strip()] if text else []  # noqa: E731
     try:
         cfg = train_config(
-            high_res, output_dir=output_dir, variables=split(variables), units=unit, objective=objective,
+            high_res, output_dir=output_dir, variables=_items(variables), units=unit, objective=objective,
             static=static, static_map=static_map, low_res=low_res, scale_factor=scale_factor, train_time=train_time,
             validation_time=validation_time, lat_box=lat_box, lon_box=lon_box, validation_lat_box=validation_lat_box,
             validation_lon_box=validation_lon_box, unet_preset=preset,
-            interpolation=(split(interpolation) if interpolation and "," in interpolation else interpolation),
-            transforms=split(transforms), dry_threshold=dry_threshold, steps=steps,
+            interpolation=(_items(interpolation) if interpolation and "," in interpolation else interpolation),
+            transforms=_items(transforms), dry_threshold=dry_threshold, steps=steps,
             regression_steps=regression_steps, batch_size=batch_size, learning_rate=learning_rate, seed=seed,
             regular_grid=regular_grid, config=config, resume=resume)
         typer.echo("dpdm train runs: " + render_command(cfg))

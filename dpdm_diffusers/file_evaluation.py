@@ -180,15 +180,21 @@ def evaluate_files(model: str, truth_files: Sequence[str], *, low_res: Sequence[
                    static_map: Mapping[str, str] | None = None, regular_grid: bool = False, lat_box=None,
                    lon_box=None, time=None, members: Sequence[int] = (1, 10), num_inference_steps: int = 10,
                    seed: int = 0, wet_thresholds: Sequence[float] = field_statistics.DEFAULT_WET_THRESHOLDS,
-                   baselines: Sequence[str] = ("bilinear", "bicubic", "regression")) -> FieldScores:
-    """Load paired files (the truth, and block means of it unless ``low_res`` is given), downscale with ``model`` and
-    :func:`score_fields` the result. Options as for :func:`dpdm_diffusers.user_data.load_region`."""
+                   baselines: Sequence[str] = ("bilinear", "bicubic", "regression"),
+                   scheduler: str | None = None) -> FieldScores:
+    """Load paired files (the truth, and block means of it unless ``low_res`` is given), downscale with ``model``
+    (with ``scheduler``, a short name of :func:`evaluation.set_scheduler`, or its saved one) and :func:`score_fields`
+    the result. Options as for :func:`dpdm_diffusers.user_data.load_region`."""
     from . import DownscalingPipeline
     from .transforms import NON_NEGATIVE_TRANSFORMS
     from .user_data import load_region
 
     pipe = DownscalingPipeline.from_pretrained(model)
     pipe.set_progress_bar_config(disable=True)
+    if scheduler:
+        from .evaluation import set_scheduler
+
+        set_scheduler(pipe, scheduler)
     cfg = pipe.config
     with warnings.catch_warnings():  # "no validation split": scoring needs none
         warnings.simplefilter("ignore", UserWarning)

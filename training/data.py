@@ -147,8 +147,8 @@ def default_interpolation(interpolation) -> str | list[str]:
     return "bicubic" if interpolation in (None, "auto") else interpolation
 
 
-# precipitation's dry threshold when none is given: 0.1 mm (the usual "wet day" floor is 0.1-1 mm)
-DEFAULT_DRY_DEPTH = "0.1 mm"
+# precipitation's dry threshold when none is given, in mm (the usual "wet day" floor is 0.1-1 mm)
+DEFAULT_DRY_DEPTH_MM = 0.1
 
 
 def dry_thresholds(given: dict, variables, units, transforms) -> list[float]:
@@ -167,9 +167,8 @@ def dry_thresholds(given: dict, variables, units, transforms) -> list[float]:
             continue
         value = 0.0
         if t in NON_NEGATIVE_TRANSFORMS:
-            amount, unit = DEFAULT_DRY_DEPTH.split()
             try:
-                value = float(amount) * unit_factor(unit, u)[0]
+                value = DEFAULT_DRY_DEPTH_MM * unit_factor("mm", u)[0]
             except ValueError:
                 logger.warning("no default dry threshold for %s in %s (a rate?): set --dry_threshold", v, u)
         out.append(value)
