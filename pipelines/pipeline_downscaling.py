@@ -32,7 +32,14 @@ from dpdm_diffusers.field_processor import FieldProcessor, PreparedFields
 from dpdm_diffusers.grids import interpolate, interpolate_variables, interpolation_methods
 from dpdm_diffusers.modeling import default_scheduler
 from dpdm_diffusers.patching import PatchTiler
-from dpdm_diffusers.seeding import member_seeds, row_generators
+from dpdm_diffusers.seeding import (
+    MAX_TIME_CORRELATION,
+    infer_time_unit,
+    member_seeds,
+    row_generators,
+    temporal_samples,
+    time_correlated_noise,
+)
 from dpdm_diffusers.transforms import Normalizer
 
 from .hub_mixin import DownscalingHubMixin, write_pipeline_module  # noqa: F401 - write_pipeline_module: public API
@@ -271,7 +278,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
     # the steps of __call__
     # ------------------------------------------------------------------------------------------
     def check_inputs(self, num_members, num_inference_steps, tiles_per_call, output_type,
-                     callback_on_step_end_tensor_inputs) -> None:
+                     callback_on_step_end_tensor_inputs, noise_time_correlation: float = 0.0) -> None:
         """Refuse call arguments that cannot work, before any data is touched."""
         for name, value in (("num_members", num_members), ("num_inference_steps", num_inference_steps)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
@@ -286,6 +293,9 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                 f"callback_on_step_end_tensor_inputs {unknown} are not among {self._callback_tensor_inputs}.")
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown output_type {output_type!r}; expected one of {OUTPUT_TYPES}.")
+        if not 0.0 <= float(noise_time_correlation) <= MAX_TIME_CORRELATION:
+            raise ValueError(f"noise_time_correlation must be in [0, {MAX_TIME_CORRELATION}], got "
+                             f"{noise_time_correlation}.")
         if self.config.objective == "regression":
             return  # no sampler is used
         if hasattr(self.scheduler, "precondition_inputs") and hasattr(self.scheduler, "precondition_outputs"):
@@ -329,14 +339,19 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         return _Canvas(tiler, cond_tiles, lerp_norm, invalid, num_batch, height, width)
 
     def prepare_latents(self, seeds: Sequence[int], sample_keys: Sequence[str], canvas: _Canvas, num_members: int,
-                        latents: torch.Tensor | None, device) -> tuple[torch.Tensor, list[torch.Generator]]:
+                        latents: torch.Tensor | None, device, temporal: tuple | None = None
+                        ) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Unit Gaussian noise ``(len(seeds) * B, V, canvas)``, rows member-major (``k * B + b``), one generator
         stream per row seeded by (member seed, sample key) (:mod:`dpdm_diffusers.seeding`); or the caller's
-        ``latents``. Returns the latents on ``device`` and the row generators (stochastic samplers draw from them)."""
+        ``latents``. ``temporal``: ``(rho, samples)`` for initial noise correlated in time
+        (:func:`~dpdm_diffusers.seeding.time_correlated_noise`). Returns the latents on ``device`` and the row
+        generators (stochastic samplers draw from them)."""
         num_vars, (h, w), num_batch = self.unet.config.out_channels, canvas.shape, canvas.num_batch
         self._check_memory(len(seeds) * num_batch, 2 * num_vars + self.normalizer.num_static, h, w, device)
         gens = row_generators(seeds, sample_keys)
-        if latents is None:
+        if latents is None and temporal is not None:
+            latents = time_correlated_noise(seeds, temporal[1], (num_vars, h, w), temporal[0])
+        elif latents is None:
             latents = torch.cat([torch.randn((1, num_vars, h, w), generator=g) for g in gens])
         else:
             expected = (num_members * num_batch, num_vars, h, w)
@@ -452,6 +467,8 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         batch_size: int | None = None,
+        noise_time_correlation: float = 0.0,
+        noise_time_unit: str | None = None,
     ):
         r"""
         Downscale ``low_res`` into ``num_members`` high-resolution ensemble members.
@@ -517,6 +534,16 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                 callback, from ``pipe._callback_tensor_inputs`` (``latents``, ``model_output``).
             batch_size (`int`, *optional*): deprecated name of ``tiles_per_call`` (in diffusers ``batch_size``
                 counts samples; here it never did: use ``num_members`` for more samples).
+            noise_time_correlation (`float`, *optional*, defaults to 0):
+                Lag-1 correlation in time (0..0.95) of each member's initial noise: an AR(1) series over the
+                ``time`` coordinate, keyed by the time stamp so chunks and resumed runs stay exact. 0 draws every
+                time step independently. With a deterministic sampler (DDIM, DPM-Solver++) members then keep
+                part of their fine-scale anomaly from one step to the next; stochastic samplers (DDPM) add
+                independent noise at every denoising step, which this does not correlate. Needs xarray input with
+                a ``time`` coordinate.
+            noise_time_unit (`str`, *optional*):
+                The step of that series: ``"year"``, ``"month"`` or ``"day"`` (default: read from the first two
+                time stamps; a call with one time step must pass it).
 
         Examples:
 
@@ -542,7 +569,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(num_members, num_inference_steps, tiles_per_call, output_type,
-                          callback_on_step_end_tensor_inputs)
+                          callback_on_step_end_tensor_inputs, noise_time_correlation)
         if topography is not None or land_sea_mask is not None:
             if static_fields is not None:
                 raise ValueError("Pass static fields either as static_fields or as topography/land_sea_mask, not both.")
@@ -565,7 +592,16 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         #    (seeded by the sample's key, never its position); every member of a deterministic model is one field
         regression = cfg.objective == "regression"
         seeds = member_seeds(generator, num_members)[: 1 if regression else None]
-        latents, row_gens = self.prepare_latents(seeds, layout.sample_keys, canvas, num_members, latents, device)
+        temporal = None
+        if noise_time_correlation and not regression:
+            if layout.is_array:
+                raise ValueError("noise_time_correlation needs xarray input with a time coordinate.")
+            unit = noise_time_unit or infer_time_unit(layout.template["time"].values if "time" in layout.template.coords
+                                                      else ())
+            temporal = (float(noise_time_correlation), temporal_samples(layout.template, layout.batch_dims, "time",
+                                                                          unit))
+        latents, row_gens = self.prepare_latents(seeds, layout.sample_keys, canvas, num_members, latents, device,
+                                                 temporal)
         fused = dict(canvas=canvas, tiles_per_call=tiles_per_call)
         t0 = torch.zeros(1, dtype=torch.long, device=device)
 

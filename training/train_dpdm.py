@@ -146,6 +146,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
             metrics = validate(pipe, data.validation, cfg, seed=cfg.seed)
         logger.info("step %d validation: %s", step, metrics)
         accelerator.log(metrics, step=step)
+        history["validation"].append({"step": step, **metrics})
         return metrics
 
     # 4. Train
@@ -158,6 +159,8 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
                                cfg.gradient_accumulation_steps)
     throughput = Throughput(accelerator.device, global_step)
     last_val, first_crops = {}, None
+    # the curves of this process's steps (a resumed run has those after the resume point): training_summary.json
+    history: dict[str, list] = {"loss": [], "validation": []}
     loss_sum, loss_count = torch.zeros((), device=accelerator.device), 0
     for batch in batches if global_step < stop_at else ():
         with accelerator.accumulate(unet):
@@ -206,6 +209,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
             loss_count = 0
             progress.set_postfix(**logs)
             accelerator.log(logs, step=global_step)
+            history["loss"].append({"step": global_step, **logs})
         if cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0:
             save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
         if cfg.validation_steps and global_step % cfg.validation_steps == 0 and accelerator.is_main_process:
@@ -255,7 +259,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
              "num_processes": accelerator.num_processes, "first_crops_per_process": first_crops,
              "stochastic_std": stochastic_std,
              "spread_calibration": {k: v for k, v in calibration.items() if k != "curve"} if calibration else None,
-             **last_val}, indent=2))
+             **last_val, "history": history}, indent=2))
         if cfg.push_to_hub:
             pipe.push_to_hub(cfg.hub_model_id)
     accelerator.end_training()
