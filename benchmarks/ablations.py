@@ -1,6 +1,6 @@
 """The paper's ablations at equal training budget on glosea4-ts-x4: static channels and patch size.
 
-    python benchmarks/ablations.py                      # every run (about 6 CPU-minutes each here), then the table
+    python benchmarks/ablations.py                      # every run (about 8 CPU-minutes each here), then the table
     python benchmarks/ablations.py --runs both,none     # some runs; finished runs are reused, stopped ones resumed
     python benchmarks/ablations.py --score-only         # re-score the finished runs
 
@@ -181,7 +181,7 @@ def markdown(results: dict) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default=",".join(RUNS))
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--device-batch-multiplier", type=int, default=1, help="scale every run's batch (GPU)")
     ap.add_argument("--members", type=int, default=4)
     ap.add_argument("--sampler-steps", type=int, default=10)

@@ -62,6 +62,9 @@ def downscale(
     threads: int | None = typer.Option(None, min=1, help="CPU threads (torch.set_num_threads)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar, warnings and errors only."),
     overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete)."),
+    noise_time_correlation: float | None = typer.Option(None, min=0.0, max=0.95, help="Lag-1 correlation in time "
+                                                        "of each member's noise (0: independent steps; default: the "
+                                                        "model's, measured in training; README 'Persistence')."),
 ):
     """Downscale a low-res record into an ensemble on the model's finer grid, streamed chunk by chunk to disk.
 
@@ -90,7 +93,7 @@ def downscale(
             chunk_size=chunk_size, write_members=write_members, stats=stats, tiles_per_call=tiles_per_call,
             conserve=conserve, static=static, variable_map=parse_mapping(variable), static_map=parse_mapping(static_map),
             device=device, dtype=dtype, channels_last=channels_last, compile=compile, threads=threads,
-            overwrite=overwrite, progress=not quiet)
+            overwrite=overwrite, progress=not quiet, noise_time_correlation=noise_time_correlation)
     except (KeyError, ValueError, FileExistsError, PermissionError) as err:  # bad input: the message, not a traceback
         raise typer.BadParameter(str(err).strip("'\"")) from None
     if process_state().is_main_process:
@@ -127,13 +130,52 @@ def evaluate(
     max_fields: int | None = typer.Option(None, help="Benchmark: score only the first N test realizations."),
     out_dir: Path = typer.Option(Path("outputs/evaluation"), help="Folder for the markdown, JSON and PNG files."),
     conservation: bool = typer.Option(True, "--conservation/--no-conservation", help="Benchmark: also score every row made to coarsen back to the input."),
+    forecast: list[str] = typer.Option([], "--forecast", help="With --truth: score these files (name=path, e.g. "
+                                       "dpdm=out.nc from dpdm downscale; repeatable) instead of running --model."),
+    reference: str | None = typer.Option(None, help="With --truth: reference period of the change signal, e.g. "
+                                         "1961,1990."),
+    future: str | None = typer.Option(None, help="With --truth: future period of the change signal, e.g. 2070,2099."),
+    climate_metrics: str | None = typer.Option(None, "--metrics", help="With --truth: climate scores to run "
+                                               "(dpdm_diffusers.climate_scores.REGISTRY names; default all)."),
+    index_freq: str = typer.Option("YS", help="With --truth, daily data: period of the ETCCDI indices (YS, QS-DEC)."),
+    figures: bool = typer.Option(True, "--figures/--no-figures", help="With --forecast: spectra, quantile-quantile, "
+                                 "rank-histogram and bias-map figures."),
 ):
-    """Score a model: on your own paired files (--truth), or on the benchmark. Per variable in its own units: the
-    paper's Table 1 (RMSE/ACC/SSIM/PSNR), CRPS, spread-skill, rank histograms; precipitation's wet fraction,
-    percentiles, total and negatives; cross-variable consistency."""
+    """Score a model, or forecast files, against your own high-res files (--truth), or a model on the benchmark.
+    Per variable in its own units: the paper's Table 1 (RMSE/ACC/SSIM/PSNR), CRPS, spread-skill, rank histograms;
+    tails, Wasserstein, RALSD, persistence, interannual variability, the change signal, twCRPS and Brier scores
+    (each member against the truth, with the spread across members); ETCCDI indices of daily data (xclim);
+    precipitation's wet fraction, percentiles, total and negatives; cross-variable consistency."""
     from dpdm_diffusers.data import parse_mapping
 
     command = "dpdm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    periods = None
+    if reference or future:
+        if not (reference and future):
+            raise typer.BadParameter("The change signal needs both --reference and --future.")
+        periods = (_pair(reference, "--reference"), _pair(future, "--future"))
+    metric_names = _items(climate_metrics) if climate_metrics else None
+    if truth and forecast:
+        from dpdm_diffusers.file_evaluation import evaluate_forecast_files, write_figures, write_scores
+
+        try:
+            scores, t, fcs = evaluate_forecast_files(
+                truth, forecast, low_res=low_res, variable_map=parse_mapping(variable),
+                baselines=_items(baselines) if baselines else ("bilinear", "bicubic"),
+                lat_box=_pair(lat_box, "--lat-box") or None, lon_box=_pair(lon_box, "--lon-box") or None,
+                time=_pair(time, "--time") or None, periods=periods, climate_metrics=metric_names, index_freq=index_freq, seed=seed,
+                wet_thresholds=[float(x) for x in _items(wet_thresholds)])
+        except (KeyError, ValueError, FileNotFoundError) as err:
+            raise typer.BadParameter(str(err).strip("'\"")) from None
+        path = write_scores(scores, out_dir, "scores", command=command)
+        typer.echo(scores.markdown())
+        if figures:
+            for fig in write_figures(t, fcs, out_dir):
+                typer.echo(f"wrote {fig}")
+        typer.echo(f"\nwrote {path} and {path.with_suffix('.json')}")
+        return
+    if forecast:
+        raise typer.BadParameter("--forecast files are scored against --truth files: give both.")
     if truth:
         from dpdm_diffusers.file_evaluation import evaluate_files, write_scores
 

@@ -28,7 +28,7 @@ import xarray as xr
 
 from . import metrics
 
-__all__ = ["REGISTRY", "Metric", "anomalies", "brier_score", "change_signal", "change_signal_bias",
+__all__ = ["EXTREMES", "REGISTRY", "Metric", "anomalies", "brier_score", "change_signal", "change_signal_bias",
            "interannual_variability_ratio", "intervariable_correlation", "lag1_autocorrelation",
            "lag1_autocorrelation_bias", "quantile_bias", "ralsd", "register", "score", "threshold_weighted_crps",
            "wasserstein", "wasserstein_per_point"]
@@ -285,6 +285,8 @@ REGISTRY: dict[str, Metric] = {
 
 #: The scores :func:`score` runs by default (every entry whose needs are met).
 DEFAULT = tuple(REGISTRY)
+#: The tails and distribution beside RMSE and CRPS on every benchmark table.
+EXTREMES = ("q1_bias", "q99_bias", "wasserstein", "RALSD", "twCRPS_q99")
 
 
 def register(name: str, metric: Metric, overwrite: bool = False) -> None:
@@ -310,7 +312,8 @@ class _Context:
 
 def score(truth: xr.Dataset | xr.DataArray, forecasts: Mapping[str, xr.Dataset | xr.DataArray],
           metrics_: Sequence[str] | None = None, *, member_dim: Hashable = MEMBER, time_dim: Hashable = TIME,
-          reference: tuple[str, str] | None = None, future: tuple[str, str] | None = None) -> pd.DataFrame:
+          reference: tuple[str, str] | None = None, future: tuple[str, str] | None = None,
+          progress: bool = False) -> pd.DataFrame:
     """Run registry scores on every forecast and variable.
 
     Args:
@@ -320,6 +323,7 @@ def score(truth: xr.Dataset | xr.DataArray, forecasts: Mapping[str, xr.Dataset |
             (no time dim; no periods) is left out and listed in the table's ``attrs["skipped"]``.
         member_dim, time_dim: Dim names.
         reference, future: ``(start, end)`` periods of the change-signal scores.
+        progress: Show a progress bar over (variable, metric) pairs (tqdm).
 
     Returns:
         One row per (method, variable, metric): ``value`` (for a ``"field"`` score of an ensemble, the mean over
@@ -335,10 +339,14 @@ def score(truth: xr.Dataset | xr.DataArray, forecasts: Mapping[str, xr.Dataset |
         forecasts = {k: (f.to_dataset(name=next(iter(truth.data_vars))) if isinstance(f, xr.DataArray) else f)
                      for k, f in forecasts.items()}
     ctx = _Context(member_dim, time_dim, {"reference": reference, "future": future} if reference and future else {})
+    from tqdm.auto import tqdm
+
     rows, skipped = [], {}
+    bar = tqdm(total=len(truth.data_vars) * len(names), desc="scores", disable=not progress)
     for var in truth.data_vars:
         y = truth[var]
         for name in names:
+            bar.update()
             m = REGISTRY[name]
             why = ctx.missing(m, y)
             if why:
@@ -360,6 +368,7 @@ def score(truth: xr.Dataset | xr.DataArray, forecasts: Mapping[str, xr.Dataset |
                              "member_spread": float(np.std(values)), "members": len(values) if m.kind == "field"
                              else f.sizes[member_dim], "ideal": m.ideal,
                              "units": str(y.attrs.get("units", "")) if m.units == "variable" else m.units})
+    bar.close()
     table = pd.DataFrame(rows, columns=["method", "variable", "metric", "value", "member_spread", "members", "ideal",
                                         "units"])
     table.attrs["skipped"] = skipped

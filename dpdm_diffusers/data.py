@@ -235,6 +235,29 @@ def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = 
     return obj
 
 
+def input_layout(obj) -> dict:
+    """How a file names and orders its grid, so that output can be written the same way (:func:`restore_layout`):
+    the names of its latitude, longitude and time dims and whether latitude/longitude are stored descending."""
+    la, lo = _find_dim(obj, LAT_NAMES), _find_dim(obj, LON_NAMES)
+    time = "time" if "time" in obj.dims else next((t for t in _TIME_ALIASES if t in obj.dims), "time")
+    out = {"lat": la or "lat", "lon": lo or "lon", "time": time}
+    for key, dim in (("lat_descending", la), ("lon_descending", lo)):
+        v = np.asarray(obj[dim].values, dtype=np.float64) if dim else np.array([])
+        out[key] = bool(v.size > 1 and np.all(np.diff(v) < 0))
+    return out
+
+
+def restore_layout(obj, layout: Mapping | None):
+    """Undo :func:`standardize`'s renaming and sorting for a file laid out as ``layout`` (:func:`input_layout`)."""
+    if not layout:
+        return obj
+    for key, dim in (("lat_descending", "lat"), ("lon_descending", "lon")):
+        if layout.get(key) and dim in obj.dims:
+            obj = obj.isel({dim: slice(None, None, -1)})
+    rename = {d: layout[d] for d in ("lat", "lon", "time") if d in obj.dims and layout.get(d, d) != d}
+    return obj.rename(rename) if rename else obj
+
+
 def regularize(obj, *, max_irregularity: float = 0.25):
     """Put a near-regular lat/lon grid (e.g. Gaussian latitudes) on a regular one with the same number of
     points, conservatively (area-weighted, with xarray-regrid), so area means are kept.

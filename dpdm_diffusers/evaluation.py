@@ -74,6 +74,7 @@ class EvaluationResult:
     config: dict = field(default_factory=dict)
     conserved_members: xr.DataArray | None = None  # members after conservation (conservation=True)
     rank_histograms: dict = field(default_factory=dict)  # label -> rank_histogram_summary(), global region
+    extremes: object = None  # climate_scores.score of climate_scores.EXTREMES, global region
 
 
 def rank_histogram_summary(members: xr.DataArray, truth: xr.DataArray, seed: int = 0) -> dict:
@@ -218,6 +219,12 @@ def evaluate_glosea4(
 
     clim = train_truth[VARIABLE].mean(("realization", "time"))
     table = metrics.score_table(y, forecasts, regions=regions, climatology=clim)
+    from dpdm_diffusers import climate_scores
+
+    t0 = time.perf_counter()
+    extremes = climate_scores.score(y.to_dataset(name=VARIABLE), {k: f.to_dataset(name=VARIABLE) for k, f in
+                                                                  forecasts.items()}, climate_scores.EXTREMES)
+    timings["extremes_s"] = time.perf_counter() - t0
     md = metrics.to_markdown(table, units={VARIABLE: "K"})
     config = {
         "model": str(model), "regression_model": regression_model, "scheduler": scheduler,
@@ -229,7 +236,7 @@ def evaluate_glosea4(
     }
     return EvaluationResult(table=table, markdown=md, members=ens, truth=y, lerp=lerp, timings=timings, config=config,
                             land_fraction=bench.static["land_sea_mask"] if "land_sea_mask" in bench.static else None,
-                            conserved_members=conserved, rank_histograms=histograms)
+                            conserved_members=conserved, rank_histograms=histograms, extremes=extremes)
 
 
 def few_step_label(n: int, steps: int) -> str:
@@ -284,11 +291,22 @@ def write_report(result: EvaluationResult, out_dir: str | Path, name: str = "qua
         + f"Command: `{command}`\n\nMachine: {machine}; pipeline wall time {result.timings.get('pipeline_s', 0):.1f} s.\n\n"
     )
     ranks = rank_histogram_markdown(result.rank_histograms)
-    (out / f"{name}.md").write_text(header + result.markdown + ("\n" + ranks if ranks else "") + "\n")
+    extremes = ""
+    if result.extremes is not None and not result.extremes.empty:
+        from dpdm_diffusers.climate_scores import markdown_table
+        from dpdm_diffusers.glosea4 import VARIABLE
+
+        extremes = ("\n**Distribution and extremes (global; every field pooled)**\n\n1st / 99th percentile biases, "
+                    "the Wasserstein distance of all values, RALSD (radially averaged log spectral distance) and the "
+                    "twCRPS above the truth's 99th percentile. An N-member row's member-wise scores are of its "
+                    "members (mean ± spread over them), not of their mean; twCRPS scores the ensemble.\n\n"
+                    + markdown_table(result.extremes, VARIABLE, floatfmt=".3f") + "\n")
+    (out / f"{name}.md").write_text(header + result.markdown + ("\n" + ranks if ranks else "") + extremes + "\n")
     records = result.table.to_dict(orient="records")
     (out / f"{name}.json").write_text(json.dumps({
         "config": portable_path(result.config), "timings": result.timings, "machine": machine, "command": command,
-        "scores": records, "rank_histograms": result.rank_histograms}, indent=2))
+        "scores": records, "rank_histograms": result.rank_histograms,
+        "extremes": [] if result.extremes is None else result.extremes.to_dict(orient="records")}, indent=2))
     figs = {}
     r, t = 0, 0
     ens = result.members

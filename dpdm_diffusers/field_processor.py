@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dpdm_diffusers.cf_attrs import output_attrs
+from dpdm_diffusers.cf_attrs import clean_cf, output_attrs
 from dpdm_diffusers.grids import Grid, check_lat_lon, lat_lon_names
 from dpdm_diffusers.naming import apply_variable_map
 from dpdm_diffusers.seeding import position_keys, sample_keys
@@ -339,13 +339,13 @@ class FieldProcessor:
             for i, (v, u) in enumerate(zip(self.variables, self.units)):
                 va = dict(ds_in[v].attrs)
                 va["units"] = u
-                if cell_method:
-                    va["cell_methods"] = f"{member_dim}: {cell_method}"
+                if cell_method:  # appended: the input's own (e.g. "time: mean") still holds
+                    va["cell_methods"] = f"{va.get('cell_methods', '')} {member_dim}: {cell_method}".strip()
                 if long_suffix:
                     va["long_name"] = f"{va.get('long_name', v)} {long_suffix}".strip()
                 data_vars[v] = xr.Variable((*dims_lead, *layout.batch_dims, lat_name, lon_name), arr[..., i, :, :], va)
             keep = {k: c for k, c in coords.items() if k != member_dim or dims_lead}
-            return self._restore(xr.Dataset(data_vars, coords=keep, attrs=attrs), layout)
+            return self._restore(clean_cf(xr.Dataset(data_vars, coords=keep, attrs=attrs)), layout)
 
         mean = members.mean(axis=0)
         std = members.std(axis=0, ddof=1) if m > 1 else np.zeros_like(mean)

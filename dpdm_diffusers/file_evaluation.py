@@ -9,10 +9,15 @@ scientist reads, per variable and in its own units:
 * the distribution of every variable: 1st/5th/95th/99th percentile biases and the Wasserstein distance;
 * for precipitation-like variables: the wet fraction at several thresholds, the 95th and 99th percentiles, the
   total and negative values (:mod:`field_statistics`);
-* the cross-variable consistency of the fine-scale detail (e.g. 2t-tp, 10u-10v), truth vs members.
+* the cross-variable consistency of the fine-scale detail (e.g. 2t-tp, 10u-10v), truth vs members;
+* the climate scores of :mod:`climate_scores` (tails, RALSD, persistence, interannual variability, the change signal
+  between two periods, twCRPS and Brier scores), each member against the truth with the spread across members;
+* for daily data, the ETCCDI indices of :mod:`climate_indices` (xclim).
 
 :func:`score_fields` does the scoring of forecasts made any way (the five-variable benchmark scores per-variable
-models with it); :func:`evaluate_files` loads the files, runs the model and calls it.
+models with it); :func:`evaluate_files` loads the files, runs the model and calls it; :func:`evaluate_forecast_files`
+scores forecasts already on disk (e.g. written by ``dpdm downscale``) with baselines from the same coarse input, and
+:func:`write_figures` draws spectra, quantile-quantile plots, rank histograms and bias maps.
 """
 
 from __future__ import annotations
@@ -23,12 +28,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import xarray as xr
 
-from . import field_statistics, metrics
+from . import climate_scores, field_statistics, metrics
 
-__all__ = ["FieldScores", "evaluate_files", "forecasts_from_pipeline", "score_fields", "write_scores"]
+__all__ = ["FieldScores", "evaluate_files", "evaluate_forecast_files", "forecasts_from_pipeline", "load_forecasts",
+           "score_fields", "write_figures", "write_scores"]
 
 TABLE1 = ["RMSE", "ACC", "SSIM", "PSNR", "CRPS", "SSR"]
 # pairs of variables whose fine-scale detail is physically linked (when both are present)
@@ -47,6 +54,8 @@ class FieldScores:
     units: dict
     notes: list = field(default_factory=list)
     distribution: dict = field(default_factory=dict)  # variable -> rows of field_statistics.distribution_rows
+    climate: pd.DataFrame | None = None  # climate_scores.score
+    indices: list = field(default_factory=list)  # rows of climate_indices.index_scores
 
     def ratio(self, method: str, reference: str, variable: str, metric: str = "RMSE") -> float:
         """``method``'s score over ``reference``'s (e.g. RMSE of the 33-member mean over bicubic's)."""
@@ -96,6 +105,23 @@ class FieldScores:
                     "|---|" + "---|" * len(pairs)]
             for m in methods:
                 out.append(f"| {m} | " + " | ".join(f"{val.get((p, m), float('nan')):.3f}" for p in pairs) + " |")
+        if self.climate is not None and not self.climate.empty:
+            from .climate_scores import markdown_table
+
+            out += ["", "Climate scores (member-wise scores: mean over members ± their spread; ideal 0 except ratios, "
+                    "ideal 1):"]
+            for v in self.units:
+                out += ["", f"`{v}`:", "", markdown_table(self.climate, v)]
+            skipped = self.climate.attrs.get("skipped") or {}
+            if skipped:
+                out += ["", "Not computed: " + "; ".join(f"{k} ({why})" for k, why in skipped.items()) + "."]
+        if self.indices:
+            out += ["", "ETCCDI indices (xclim; the truth's percentile thresholds): the truth's mean, each member's "
+                    "bias (mean ± spread across members), ratio to the truth and the index's spread across members:",
+                    "", "| index | method | truth | bias | ratio | spread across members |", "|---|---|---|---|---|---|"]
+            for r in self.indices:
+                out.append(f"| {r['index']} | {r['method']} | {r['truth']:.4g} | {r['mean_bias']:+.3g} ± "
+                           f"{r['member_bias_spread']:.2g} | {r['ratio']:.3f} | {r['member_index_spread']:.3g} |")
         if self.notes:
             out += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(out)
@@ -103,7 +129,9 @@ class FieldScores:
     def to_json(self) -> dict:
         return {"table": self.table.to_dict(orient="records"), "reliability": self.reliability,
                 "distribution": self.distribution, "precipitation": self.precipitation,
-                "consistency": self.consistency, "units": self.units, "notes": self.notes}
+                "consistency": self.consistency, "units": self.units, "notes": self.notes,
+                "climate": [] if self.climate is None else self.climate.to_dict(orient="records"),
+                "indices": self.indices}
 
 
 def _ensembles(forecasts: Mapping[str, xr.Dataset], members_dim: str) -> dict[str, xr.Dataset]:
@@ -113,9 +141,13 @@ def _ensembles(forecasts: Mapping[str, xr.Dataset], members_dim: str) -> dict[st
 def score_fields(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], *, scale_factor: int,
                  precipitation: Sequence[str] = (), wet_thresholds: Sequence[float] =
                  field_statistics.DEFAULT_WET_THRESHOLDS, members_dim: str = "member",
-                 consistency_pairs: Sequence[tuple[str, str]] | None = None, seed: int = 0) -> FieldScores:
+                 consistency_pairs: Sequence[tuple[str, str]] | None = None, seed: int = 0,
+                 climate_metrics: Sequence[str] | None = None, periods: tuple | None = None,
+                 index_freq: str = "YS", progress: bool = False) -> FieldScores:
     """Score ``forecasts`` (name -> Dataset with the truth's variables; ensembles carry ``members_dim``) against
-    ``truth``. ``precipitation``: the variables that get the distribution table."""
+    ``truth``. ``precipitation``: the variables that get the distribution table. ``climate_metrics``: registry names
+    of :mod:`climate_scores` (default: all that the data supports); ``periods``: ``(reference, future)`` of the
+    change signal; ``index_freq``: the period of the ETCCDI indices (daily data only)."""
     variables = [str(v) for v in truth.data_vars]
     table = metrics.score_table(truth, forecasts, regions={"all": None}, members_dim=members_dim, metrics=TABLE1)
     reliability = {}
@@ -142,9 +174,28 @@ def score_fields(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], *, scal
                     for v in variables}
     units = {v: str(truth[v].attrs.get("units", "")) for v in variables}
     notes = [table.attrs.get("notes", "")]
+    reference, future = periods or (None, None)
+    climate = climate_scores.score(truth, forecasts, climate_metrics, member_dim=members_dim, reference=reference,
+                                   future=future, progress=progress)
+    indices = daily_indices(truth, forecasts, index_freq, members_dim)
     if not [d for d in truth.dims if d not in ("lat", "lon")]:
         notes.append("One truth field: ACC is its centred pattern correlation (anomalies against zero).")
-    return FieldScores(table, reliability, precip, consistency, units, notes, distribution)
+    return FieldScores(table, reliability, precip, consistency, units, notes, distribution, climate, indices)
+
+
+def daily_indices(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], freq: str = "YS",
+                  members_dim: str = "member") -> list[dict]:
+    """The ETCCDI indices that the variables allow (precipitation, temperature), when the data is daily."""
+    from . import climate_indices as ci
+
+    roles = ci.roles(truth)
+    if not roles or not ci.is_daily(truth[next(iter(roles.values()))]):
+        return []
+    rows = []
+    for index in ci.indices_for(list(roles)):
+        fields = lambda ds: {r: ds[v] for r, v in roles.items()}  # noqa: E731
+        rows += ci.index_scores(index, fields(truth), {k: fields(f) for k, f in forecasts.items()}, freq, members_dim)
+    return rows
 
 
 def forecasts_from_pipeline(pipe, low_res: xr.Dataset, static, *, members: Sequence[int] = (1, 10),
@@ -226,3 +277,136 @@ def write_scores(scores: FieldScores, out_dir: str | Path, name: str, command: s
     (out / f"{name}.json").write_text(json.dumps(scores.to_json(), indent=1, default=float))
     return out / f"{name}.md"
 
+
+
+def _named(spec: str) -> tuple[str, str]:
+    """``"name=path"`` or ``"path"`` (named by the file's stem)."""
+    if "=" in spec and not Path(spec).exists():
+        name, path = spec.split("=", 1)
+        return name.strip(), path.strip()
+    return Path(spec.rstrip("/")).stem, spec
+
+
+def load_forecasts(specs: Sequence[str], truth: xr.Dataset, variable_map: Mapping[str, str] | None = None,
+                   members_dim: str = "member") -> dict[str, xr.Dataset]:
+    """Open forecast files (``name=path``; e.g. the output of ``dpdm downscale``) on the truth's grid and times.
+
+    Each keeps the truth's variables (``variable_map``: forecast name -> truth name) and the time steps it shares
+    with the truth. A forecast on another grid, without a variable or sharing no time step is refused by name."""
+    from .data import open_dataset
+
+    out = {}
+    for spec in specs:
+        name, path = _named(spec)
+        ds = open_dataset(path)
+        if variable_map:
+            ds = ds.rename({k: v for k, v in variable_map.items() if k in ds})
+        missing = [v for v in truth.data_vars if v not in ds]
+        if missing:
+            raise ValueError(f"Forecast {name!r} ({path}) has no variable {missing}; it has {sorted(ds.data_vars)}. "
+                             "Map names with --variable forecast_name=truth_name.")
+        ds = ds[list(truth.data_vars)]
+        for dim in ("lat", "lon"):
+            if ds.sizes.get(dim) != truth.sizes[dim] or not np.allclose(ds[dim].values, truth[dim].values, atol=1e-4):
+                raise ValueError(f"Forecast {name!r} ({path}) is not on the truth's grid: its {dim} has "
+                                 f"{ds.sizes.get(dim)} points from {float(ds[dim].min()):g} to {float(ds[dim].max()):g}"
+                                 f", the truth's {truth.sizes[dim]} from {float(truth[dim].min()):g} to "
+                                 f"{float(truth[dim].max()):g}. Regrid one onto the other first.")
+        ds = ds.assign_coords(lat=truth.lat, lon=truth.lon)
+        if "time" in truth.dims:
+            if "time" not in ds.dims:
+                raise ValueError(f"Forecast {name!r} ({path}) has no time dim; the truth has {truth.sizes['time']}.")
+            common = np.intersect1d(ds.time.values, truth.time.values)
+            if common.size == 0:
+                raise ValueError(f"Forecast {name!r} ({path}) shares no time step with the truth.")
+            ds = ds.sel(time=common)
+        out[name] = ds.load()
+    return out
+
+
+def evaluate_forecast_files(truth_files: Sequence[str], forecast_specs: Sequence[str], *,
+                            low_res: Sequence[str] = (), baselines: Sequence[str] = ("bilinear", "bicubic"),
+                            variable_map: Mapping[str, str] | None = None, lat_box=None, lon_box=None, time=None,
+                            periods: tuple | None = None, climate_metrics: Sequence[str] | None = None,
+                            index_freq: str = "YS", wet_thresholds: Sequence[float] =
+                            field_statistics.DEFAULT_WET_THRESHOLDS, seed: int = 0,
+                            progress: bool = True) -> tuple[FieldScores, xr.Dataset, dict[str, xr.Dataset]]:
+    """Score forecasts already on disk against the truth; no model is run.
+
+    Args:
+        truth_files: The high-res truth (netCDF/zarr, globs allowed).
+        forecast_specs: ``name=path`` (or a path) per forecast; ensembles carry a ``member`` dim.
+        low_res: The coarse input the forecasts were made from; ``baselines`` are interpolated from it onto the
+            truth's grid, and its grid ratio gives the fine-scale consistency scores.
+        variable_map: Forecast variable name -> truth variable name.
+        lat_box, lon_box, time: Region and period to score (``(start, end)`` pairs).
+        periods: ``(reference, future)`` for the change signal, e.g. ``(("1961", "1990"), ("2070", "2099"))``.
+        climate_metrics: Registry names of :mod:`climate_scores` (default all that the data allows).
+        index_freq: Period of the ETCCDI indices of daily data (``"YS"``, ``"QS-DEC"``...).
+
+    Returns:
+        The scores, and the truth and forecasts as scored (for :func:`write_figures`).
+    """
+    from .data import open_dataset, regrid
+    from .grids import Grid
+    from .statistics import default_transform
+
+    truth = open_dataset(list(truth_files), time=time, lat=lat_box, lon=lon_box).load()
+    forecasts: dict[str, xr.Dataset] = {}
+    scale = 0
+    if low_res:
+        low = open_dataset(list(low_res), variables=list(truth.data_vars), time=time).load()
+        if "time" in truth.dims:
+            low = low.sel(time=np.intersect1d(low.time.values, truth.time.values))
+        grid = Grid.from_xarray(truth)
+        for b in baselines:
+            forecasts[b] = regrid(low, grid, method=b)[list(truth.data_vars)]
+        scale = int(round(float(np.diff(low.lat.values).mean() / np.diff(truth.lat.values).mean())))
+    elif baselines and tuple(baselines) != ("bilinear", "bicubic"):
+        raise ValueError("Baselines are interpolated from the coarse input: give it with --low-res.")
+    forecasts.update(load_forecasts(forecast_specs, truth, variable_map))
+    if "time" in truth.dims:
+        common = truth.time.values
+        for f in forecasts.values():
+            common = np.intersect1d(common, f.time.values)
+        truth = truth.sel(time=common)
+        forecasts = {k: f.sel(time=common) for k, f in forecasts.items()}
+    precip = [v for v in truth.data_vars if default_transform(str(v), truth[v].attrs) == "log1p"]
+    scores = score_fields(truth, forecasts, scale_factor=scale, precipitation=precip, wet_thresholds=wet_thresholds,
+                          consistency_pairs=None if scale > 1 else [], seed=seed, climate_metrics=climate_metrics,
+                          periods=periods, index_freq=index_freq, progress=progress)
+    scores.notes.append("Files: truth " + ", ".join(map(str, truth_files)) + "; forecasts "
+                        + ", ".join(forecast_specs) + (f"; low-res {', '.join(low_res)}" if low_res else ""))
+    return scores, truth, forecasts
+
+
+def write_figures(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], out_dir: str | Path, name: str = "scores",
+                  members_dim: str = "member") -> list[Path]:
+    """Per variable: power spectra (members pooled), a quantile-quantile plot, the rank histograms of the
+    ensembles, and maps of the bias of the time mean and of the 99th percentile at each point (members pooled)."""
+    from . import plots
+
+    out, paths = Path(out_dir), []
+    out.mkdir(parents=True, exist_ok=True)
+    for v in truth.data_vars:
+        units = str(truth[v].attrs.get("units", ""))
+        spectra = {"truth": metrics.power_spectrum(truth[v])}
+        spectra.update({k: metrics.power_spectrum(f[v]) for k, f in forecasts.items()})
+        paths.append(plots.plot_power_spectra(spectra, out / f"{name}_{v}_spectra.png", title=f"{v}: power spectra"))
+        paths.append(plots.plot_quantiles(truth[v].values, {k: f[v].values for k, f in forecasts.items()},
+                                          out / f"{name}_{v}_qq.png", title=f"{v}: quantiles", units=units))
+        ens = _ensembles(forecasts, members_dim)
+        if ens:
+            hists = {k: metrics.rank_histogram(f[v], truth[v], members_dim=members_dim).values for k, f in ens.items()}
+            paths.append(plots.plot_rank_histograms(hists, out / f"{name}_{v}_rank.png", title=f"{v}: rank histograms"))
+        pooled = [d for d in truth[v].dims if d not in ("lat", "lon")]
+        maps = {}
+        for k, f in forecasts.items():
+            dims = [d for d in f[v].dims if d not in ("lat", "lon")]
+            maps[f"{k}: mean bias"] = f[v].mean(dims) - truth[v].mean(pooled)
+            if pooled:
+                maps[f"{k}: 99th pct bias"] = f[v].quantile(0.99, dims).drop_vars("quantile") \
+                    - truth[v].quantile(0.99, pooled).drop_vars("quantile")
+        paths.append(plots.plot_bias_maps(maps, out / f"{name}_{v}_bias_maps.png", title=f"{v}: bias per point",
+                                          units=units))
+    return paths

@@ -344,3 +344,63 @@ def _recip(x):
     x = np.asarray(x, float)
     with np.errstate(divide="ignore"):
         return np.where(x != 0, 1.0 / np.where(x != 0, x, 1.0), np.inf)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Evaluation figures (dpdm evaluate on any files)
+# ---------------------------------------------------------------------------------------------------
+def plot_quantiles(truth, forecasts: Mapping[str, object], path, title: str | None = None, units: str = "",
+                   dpi: int = 110) -> Path:
+    """Quantile-quantile plot: each forecast's quantiles (every point, time and member pooled) against the truth's,
+    from the 0.1th to the 99.9th percentile; the tails sit at the ends of the diagonal."""
+    q = np.r_[0.001, 0.01, np.linspace(0.05, 0.95, 19), 0.99, 0.999]
+    y = np.quantile(_finite(np.asarray(truth)), q)
+    fig = _figure((5.2, 5.0))
+    ax = fig.subplots()
+    for label, fc in forecasts.items():
+        ax.plot(y, np.quantile(_finite(np.asarray(fc)), q), marker=".", lw=1.2, label=str(label))
+    ax.plot(y[[0, -1]], y[[0, -1]], color="k", lw=0.8, ls=":", label="truth")
+    ax.set_xlabel(f"truth quantile {f'({units})' if units else ''}", fontsize=10)
+    ax.set_ylabel(f"forecast quantile {f'({units})' if units else ''}", fontsize=10)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=11)
+    return _save(fig, path, dpi)
+
+
+def plot_rank_histograms(histograms: Mapping[str, object], path, title: str | None = None, dpi: int = 110) -> Path:
+    """Rank histograms (frequency of the truth's rank among the members) of each ensemble; flat = reliable."""
+    fig = _figure((6.0, 4.0))
+    ax = fig.subplots()
+    for label, h in histograms.items():
+        f = np.asarray(h, dtype=float)
+        f = f / f.sum()
+        ax.step(np.arange(f.size), f, where="mid", label=str(label))
+        ax.axhline(1 / f.size, color="k", lw=0.6, ls=":")
+    ax.set_xlabel("rank of the truth among the members", fontsize=10)
+    ax.set_ylabel("frequency", fontsize=10)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=11)
+    return _save(fig, path, dpi)
+
+
+def plot_bias_maps(maps: Mapping[str, object], path, title: str | None = None, units: str = "",
+                   dpi: int = 110) -> Path:
+    """One panel per entry (2-D DataArrays over lat, lon), on one symmetric colour scale centred on 0."""
+    n = len(maps)
+    cols = min(n, 3)
+    rows = int(np.ceil(n / cols))
+    fig = _figure((4.6 * cols, 3.4 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    lim = max(float(np.nanmax(np.abs(np.asarray(m)))) for m in maps.values()) or 1.0
+    for ax, (label, m) in zip(axes, maps.items()):
+        im = ax.pcolormesh(m[m.dims[-1]].values, m[m.dims[-2]].values, np.asarray(m), cmap="RdBu_r", vmin=-lim,
+                           vmax=lim, shading="nearest")
+        ax.set_title(str(label), fontsize=9)
+        fig.colorbar(im, ax=ax, label=units)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path, dpi)

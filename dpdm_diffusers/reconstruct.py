@@ -34,9 +34,10 @@ import torch
 import xarray as xr
 
 from . import __version__
-from .cf_attrs import output_attrs
+from .cf_attrs import clean_cf, output_attrs
 from .io import check_output, is_own_output, netcdf_encoding, output_format, replace_atomically, zarr_encoding
 from .naming import apply_variable_map
+from .seeding import infer_time_unit
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def _model_fingerprint(pipe) -> str:
 
 
 def run_settings(pipe, low_res: xr.Dataset, *, num_members, num_inference_steps, seed, chunk_size, members, stats,
-                 variable_map, model_id, conserve=False) -> dict:
+                 variable_map, model_id, conserve=False, extra: Mapping | None = None) -> dict:
     """Everything that determines the output's values and layout (compared on resume)."""
     times = low_res["time"].values if "time" in low_res.dims else np.array([0])
     return {
@@ -99,6 +100,7 @@ def run_settings(pipe, low_res: xr.Dataset, *, num_members, num_inference_steps,
         "time_steps": int(len(times)), "time_first": str(times[0]), "time_last": str(times[-1]),
         "grid": [int(low_res.sizes["lat"]), int(low_res.sizes["lon"])],
         **({"conserve": True} if conserve else {}),  # only when set: stores written before the option still resume
+        **{k: v for k, v in (extra or {}).items() if v},  # likewise: noise correlation, the input's layout
     }
 
 
@@ -139,17 +141,17 @@ def _template(pipe, low_res: xr.Dataset, out_names: dict, grid, num_members: int
     data_vars = {}
     for user, model_var in out_names.items():
         units = pipe.config.units[list(pipe.config.variables).index(model_var)]
-        base = {k: v for k, v in low_res[user].attrs.items() if k not in ("units", "cell_methods")}
-        base["units"] = units
+        base = dict(low_res[user].attrs, units=units)  # the input's cell_methods (e.g. "time: mean") still hold
         if members:
             data_vars[user] = ((member_dim, "time", "lat", "lon"),
                                da.zeros((num_members, ntime, ny, nx), chunks=(1, chunk_size, cy, cx), dtype="float32"), base)
         if stats:
             for suffix, method, long in (("mean", "mean", "ensemble mean"), ("std", "standard_deviation", "ensemble spread")):
-                a = dict(base, cell_methods=f"{member_dim}: {method}", long_name=f"{base.get('long_name', user)} {long}")
+                a = dict(base, cell_methods=f"{base.get('cell_methods', '')} {member_dim}: {method}".strip(),
+                         long_name=f"{base.get('long_name', user)} {long}")
                 data_vars[f"{user}_{suffix}"] = (("time", "lat", "lon"),
                                                  da.zeros((ntime, ny, nx), chunks=(chunk_size, cy, cx), dtype="float32"), a)
-    return xr.Dataset(data_vars, coords=coords, attrs=attrs)
+    return clean_cf(xr.Dataset(data_vars, coords=coords, attrs=attrs))
 
 
 def reconstruct(
@@ -171,11 +173,16 @@ def reconstruct(
     model_id: str | None = None,
     member_dim: str = "member",
     conserve: bool = False,
+    noise_time_correlation: float | None = None,
+    output_layout: Mapping | None = None,
 ) -> ReconstructionResult:
     """Downscale ``low_res`` (lazy is fine: one chunk is loaded at a time) into ``output`` (``.zarr`` or ``.nc``).
 
     ``members`` writes every member (``<var>``); ``stats`` writes ``<var>_mean`` and ``<var>_std``. Safe to kill
-    at any moment and to rerun; see the module docstring. Returns timings of this process's share.
+    at any moment and to rerun; see the module docstring. ``noise_time_correlation``: the pipeline's option (default:
+    the model's), its time unit read once from the whole record so every chunk uses the same. ``output_layout``: the input file's dim
+    names and coordinate order (:func:`dpdm_diffusers.data.input_layout`), given back in the output. Returns timings
+    of this process's share.
     """
     from tqdm.auto import tqdm
 
@@ -209,10 +216,19 @@ def reconstruct(
     first = pipe.processor.preprocess(low_res.isel(time=slice(0, 1)).load(), static_fields, None, member_dim,
                                       "raise", variable_map)
     grid = Grid.from_xarray(low_res).refine(pipe.config.scale_factor)
+    time_unit = None
+    if noise_time_correlation is None:
+        noise_time_correlation = float(pipe.config.get("noise_time_correlation", 0.0))
+    if squeeze_time:
+        noise_time_correlation = 0.0  # one field has no neighbour in time to be correlated with
+    if noise_time_correlation:
+        pipe.check_inputs(num_members, num_inference_steps, 1, None, (), noise_time_correlation)
+        time_unit = infer_time_unit(low_res["time"].values[:2])
     model_id = model_id or str(getattr(pipe, "name_or_path", "") or "")
     settings = run_settings(pipe, low_res, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
                             chunk_size=chunk_size, members=members, stats=stats, variable_map=variable_map, model_id=model_id,
-                            conserve=conserve)
+                            conserve=conserve, extra={"noise_time_correlation": float(noise_time_correlation),
+                                                      "noise_time_unit": time_unit, "output_layout": output_layout})
     settings = json.loads(json.dumps(settings, default=str))  # compared with the stored JSON: same types (lists, str)
     store = partial_path(output)
     chunks = _chunks(low_res.sizes["time"], chunk_size)
@@ -261,7 +277,8 @@ def reconstruct(
         low = low_res.isel(time=slice(a, b)).load()
         out = pipe(low, static_fields=static, num_members=num_members, num_inference_steps=num_inference_steps,
                    generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call, variable_map=variable_map,
-                   member_dim=member_dim, conserve=conserve)
+                   member_dim=member_dim, conserve=conserve, noise_time_correlation=noise_time_correlation,
+                   noise_time_unit=time_unit)
         region = {}
         for user in out_names:
             m = out.members[user].transpose(member_dim, "time", "lat", "lon")
@@ -293,7 +310,7 @@ def reconstruct(
         left = len(chunks) - len(_done(store, len(chunks)))
         if left:
             raise RuntimeError(f"{left} chunk(s) of {store} are not done; rerun the same command to finish them.")
-        _finish(store, output, fmt, overwrite, squeeze_time)
+        _finish(store, output, fmt, overwrite, squeeze_time, output_layout)
     state.wait_for_everyone()
     return ReconstructionResult(
         path=output, chunks_total=len(chunks), chunks_computed=len(mine), seconds=elapsed,
@@ -302,8 +319,11 @@ def reconstruct(
     )
 
 
-def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: bool) -> None:
+def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: bool,
+            layout: Mapping | None = None) -> None:
     import zarr
+
+    from .data import restore_layout
 
     zarr.consolidate_metadata(str(store))
     if output.exists() and (not overwrite or not is_own_output(output)):  # appeared meanwhile: never clobber it
@@ -312,12 +332,12 @@ def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: 
         from .io import write_dataset
 
         with xr.open_zarr(store) as ds:
-            write_dataset(ds.isel(time=0, drop=True).load(), output, overwrite=True)
+            write_dataset(restore_layout(ds.isel(time=0, drop=True).load(), layout), output, overwrite=True)
         shutil.rmtree(store)
         shutil.rmtree(markers_path(store))
         return
     if fmt == "netcdf":
-        ds = xr.open_zarr(store)
+        ds = restore_layout(xr.open_zarr(store), layout)
         enc = netcdf_encoding(ds, chunked=True)  # the store's chunks: streamed chunk by chunk
         tmp = output.with_name(f".{output.name}.partial-{os.getpid()}")
         try:
@@ -336,5 +356,26 @@ def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: 
         shutil.rmtree(store)
         shutil.rmtree(markers_path(store))
         return
-    replace_atomically(store, output)  # zarr: the old output stays intact until the new one is in place
+    if not _renames(layout):
+        replace_atomically(store, output)  # zarr: the old output stays intact until the new one is in place
+        shutil.rmtree(markers_path(store))
+        return
+    # the input's names or order differ from the store's: one copy, streamed chunk by chunk, then swapped in
+    tmp = store.with_name(store.name + f".layout-{os.getpid()}")
+    with xr.open_zarr(store) as ds:
+        ds = restore_layout(ds, layout)
+        for v in ds.variables.values():
+            v.encoding.pop("chunks", None)
+            v.encoding.pop("preferred_chunks", None)
+        ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True, encoding=zarr_encoding(ds))
+    replace_atomically(tmp, output)
+    shutil.rmtree(store)
     shutil.rmtree(markers_path(store))
+
+
+def _renames(layout: Mapping | None) -> bool:
+    """Whether ``layout`` differs from the store's own (lat, lon, time ascending)."""
+    if not layout:
+        return False
+    return any(layout.get(d, d) != d for d in ("lat", "lon", "time")) or bool(
+        layout.get("lat_descending") or layout.get("lon_descending"))

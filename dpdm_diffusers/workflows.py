@@ -28,16 +28,21 @@ def check_benchmark(benchmark: str) -> None:
 # ----------------------------------------------------------------------------------------------
 # dpdm downscale
 # ----------------------------------------------------------------------------------------------
-def open_low_res(path: str | os.PathLike, variables: Sequence[str], variable_map: Mapping[str, str] | None = None):
+def open_low_res(path: str | os.PathLike, variables: Sequence[str], variable_map: Mapping[str, str] | None = None,
+                 layout: dict | None = None):
     """A low-res file (netCDF or zarr, opened lazily) with lat/lon/time standardised and only the model's
-    ``variables`` kept, in your names (``variable_map``: yours -> the model's)."""
+    ``variables`` kept, in your names (``variable_map``: yours -> the model's). ``layout``, when given, is filled
+    with the file's own dim names and coordinate order (:func:`dpdm_diffusers.data.input_layout`)."""
     import xarray as xr
 
-    from dpdm_diffusers.data import standardize
+    from dpdm_diffusers.data import input_layout, standardize
     from dpdm_diffusers.naming import apply_variable_map
 
     path = Path(path)
-    ds = standardize(xr.open_dataset(path, engine="zarr" if path.suffix == ".zarr" else None, chunks={}))
+    raw = xr.open_dataset(path, engine="zarr" if path.suffix == ".zarr" else None, chunks={})
+    if layout is not None:
+        layout.update(input_layout(raw))
+    ds = standardize(raw)
     try:
         _, rename_back = apply_variable_map(ds, variable_map, variables)
     except KeyError as err:
@@ -81,6 +86,7 @@ def downscale_file(
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    noise_time_correlation: float | None = None,
 ):
     """``dpdm downscale``: stream a low-res file through a model into ``output`` (resumable, multi-process); see
     :func:`dpdm_diffusers.reconstruct.reconstruct`. Returns its :class:`~dpdm_diffusers.reconstruct.
@@ -96,7 +102,8 @@ def downscale_file(
     dev = process_state().device if device == "auto" else device
     pipe = set_scheduler(DownscalingPipeline.from_pretrained(model), scheduler)
     apply_fast_paths(pipe, device=dev, dtype=dtype, channels_last=channels_last, compile=compile, threads=threads)
-    ds = open_low_res(input, list(pipe.config.variables), variable_map)
+    layout: dict = {}
+    ds = open_low_res(input, list(pipe.config.variables), variable_map, layout)
     static_fields = None
     if static is not None:
         grid = Grid.from_xarray(ds).refine(pipe.config.scale_factor)
@@ -104,7 +111,8 @@ def downscale_file(
     return reconstruct(pipe, ds, output, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
                        chunk_size=chunk_size, static_fields=static_fields, variable_map=variable_map,
                        tiles_per_call=tiles_per_call, members=write_members, stats=stats, overwrite=overwrite,
-                       progress=progress, model_id=model, conserve=conserve)
+                       progress=progress, model_id=model, conserve=conserve,
+                       noise_time_correlation=noise_time_correlation, output_layout=layout)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from dpdm_diffusers.modeling import default_scheduler
 from dpdm_diffusers.patching import PatchTiler
 from dpdm_diffusers.seeding import (
     MAX_TIME_CORRELATION,
+    TIME_UNITS,
     infer_time_unit,
     member_seeds,
     row_generators,
@@ -181,6 +182,8 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         stochastic_std: Sequence[float] | None = None,
         hub_id: str | None = None,
         dry_threshold: Sequence[float] | None = None,
+        noise_time_correlation: float = 0.0,
+        noise_time_unit: str | None = None,
     ):
         super().__init__()
         self.model_card: str | None = None  # README.md of the folder it was loaded from / training; kept on save
@@ -212,6 +215,9 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             stochastic_std=floats(stochastic_std, 1.0, v),
             hub_id=hub_id,
             dry_threshold=floats(dry_threshold, 0.0, v),
+            # measured by training on its data (training/stages.measure_noise_time_correlation); 0: independent steps
+            noise_time_correlation=float(noise_time_correlation),
+            noise_time_unit=noise_time_unit,
         )
         self.normalizer = Normalizer.from_config(config)  # validates lengths, transforms, prediction
         self._check_components(unet, config)
@@ -222,6 +228,11 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         if len(config["dry_threshold"]) != v or min(config["dry_threshold"]) < 0:
             raise ValueError(f"dry_threshold must hold one value >= 0 per variable {variables}, got "
                              f"{config['dry_threshold']}.")
+        if not 0.0 <= config["noise_time_correlation"] <= MAX_TIME_CORRELATION:
+            raise ValueError(f"noise_time_correlation must be in [0, {MAX_TIME_CORRELATION}], got "
+                             f"{config['noise_time_correlation']}.")
+        if noise_time_unit is not None and noise_time_unit not in TIME_UNITS:
+            raise ValueError(f"noise_time_unit must be one of {TIME_UNITS}, got {noise_time_unit!r}.")
         if len(config["stochastic_std"]) != v or min(config["stochastic_std"]) <= 0:
             raise ValueError(
                 f"stochastic_std must hold one positive value per variable {variables}, got {config['stochastic_std']}.")
@@ -467,7 +478,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         callback_on_step_end: Callable | PipelineCallback | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         batch_size: int | None = None,
-        noise_time_correlation: float = 0.0,
+        noise_time_correlation: float | None = None,
         noise_time_unit: str | None = None,
     ):
         r"""
@@ -534,16 +545,18 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                 callback, from ``pipe._callback_tensor_inputs`` (``latents``, ``model_output``).
             batch_size (`int`, *optional*): deprecated name of ``tiles_per_call`` (in diffusers ``batch_size``
                 counts samples; here it never did: use ``num_members`` for more samples).
-            noise_time_correlation (`float`, *optional*, defaults to 0):
+            noise_time_correlation (`float`, *optional*):
                 Lag-1 correlation in time (0..0.95) of each member's initial noise: an AR(1) series over the
                 ``time`` coordinate, keyed by the time stamp so chunks and resumed runs stay exact. 0 draws every
-                time step independently. With a deterministic sampler (DDIM, DPM-Solver++) members then keep
+                time step independently. Default: the model's ``noise_time_correlation`` (what training measured
+                as the persistence of the truth's fine-scale residual on its data; 0 for models that did not),
+                which is applied only where the input has a ``time`` coordinate. With a deterministic sampler (DDIM, DPM-Solver++) members then keep
                 part of their fine-scale anomaly from one step to the next; stochastic samplers (DDPM) add
                 independent noise at every denoising step, which this does not correlate. Needs xarray input with
                 a ``time`` coordinate.
             noise_time_unit (`str`, *optional*):
                 The step of that series: ``"year"``, ``"month"`` or ``"day"`` (default: read from the first two
-                time stamps; a call with one time step must pass it).
+                time stamps, else the model's ``noise_time_unit``; a call with one time step needs one of them).
 
         Examples:
 
@@ -569,7 +582,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(num_members, num_inference_steps, tiles_per_call, output_type,
-                          callback_on_step_end_tensor_inputs, noise_time_correlation)
+                          callback_on_step_end_tensor_inputs, noise_time_correlation or 0.0)
         if topography is not None or land_sea_mask is not None:
             if static_fields is not None:
                 raise ValueError("Pass static fields either as static_fields or as topography/land_sea_mask, not both.")
@@ -593,11 +606,16 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         regression = cfg.objective == "regression"
         seeds = member_seeds(generator, num_members)[: 1 if regression else None]
         temporal = None
+        if noise_time_correlation is None:  # the model's own, applied where the input has a time axis
+            has_time = not layout.is_array and "time" in layout.batch_dims and "time" in layout.template.coords
+            noise_time_correlation = cfg.get("noise_time_correlation", 0.0) if has_time else 0.0
         if noise_time_correlation and not regression:
             if layout.is_array:
                 raise ValueError("noise_time_correlation needs xarray input with a time coordinate.")
-            unit = noise_time_unit or infer_time_unit(layout.template["time"].values if "time" in layout.template.coords
-                                                      else ())
+            times = layout.template["time"].values if "time" in layout.template.coords else ()
+            # the caller's unit, else the data's own spacing, else the model's (one time step)
+            unit = noise_time_unit or (infer_time_unit(times) if len(times) > 1 else cfg.get("noise_time_unit"))
+            unit = unit or infer_time_unit(times)  # one step and no unit anywhere: the clear error
             temporal = (float(noise_time_correlation), temporal_samples(layout.template, layout.batch_dims, "time",
                                                                           unit))
         latents, row_gens = self.prepare_latents(seeds, layout.sample_keys, canvas, num_members, latents, device,

@@ -179,3 +179,48 @@ def test_output_path_problems_are_found_before_computing(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PermissionError, match="not a writable directory"):
         check_output(tmp_path / "file" / "out.nc", False)
+
+
+def era5_like(ntime=4):
+    """An ERA5-style file: `latitude` descending, `valid_time`, bounds and GRIB grid attributes of the coarse grid."""
+    ds = make_low_res(ntime=ntime).isel(lat=slice(None, None, -1)).rename(lat="latitude", lon="longitude",
+                                                                           time="valid_time")
+    ds["latitude"].attrs.update(bounds="latitude_bnds", stored_direction="decreasing")
+    ds["longitude"].attrs.update(bounds="longitude_bnds")
+    ds["valid_time"].attrs.update(bounds="time_bnds")
+    ds["tas"].attrs.update(cell_methods="time: mean", GRIB_paramId=167, GRIB_Nx=8, GRIB_gridType="regular_ll",
+                           GRIB_iDirectionIncrementInDegrees=1.0)
+    ds.attrs.update(source="ERA5 reanalysis", nominal_resolution="100 km", GRIB_centre="ecmwf")
+    return ds
+
+
+@pytest.mark.parametrize("suffix", [".nc", ".zarr"])
+def test_downscale_output_keeps_the_input_layout_and_is_clean_cf(tmp_path, suffix):
+    pipe = make_pipeline(static=())
+    pipe.save_pretrained(tmp_path / "model")
+    era5_like().to_netcdf(tmp_path / "low.nc")
+    out = tmp_path / f"fine{suffix}"
+    res = runner.invoke(app, ["downscale", str(tmp_path / "low.nc"), "-o", str(out), "--model", str(tmp_path / "model"),
+                              "--members", "2", "--steps", "2", "--chunk-size", "3", "--noise-time-correlation", "0.5"])
+    assert res.exit_code == 0, res.output
+    ds = xr.open_dataset(out, engine="zarr" if suffix == ".zarr" else None)
+    assert ds.tas.dims == ("member", "valid_time", "latitude", "longitude")  # the input's names, read as written
+    assert np.all(np.diff(ds.latitude.values) < 0) and ds.latitude.attrs["stored_direction"] == "decreasing"
+    for name in ds.variables:  # no attribute points at a variable the file lacks; no coarse-grid GRIB keys
+        assert ds[name].attrs.get("bounds") in (None, *ds.variables), name
+        assert not any(k in ds[name].attrs for k in ("GRIB_Nx", "GRIB_gridType", "GRIB_iDirectionIncrementInDegrees"))
+    assert ds.tas.attrs["GRIB_paramId"] == 167 and ds.tas.attrs["cell_methods"] == "time: mean"
+    assert ds.tas_mean.attrs["cell_methods"] == "time: mean member: mean"
+    assert "ERA5 reanalysis" in ds.attrs["source"] and "dpdm-diffusers" in ds.attrs["source"]
+    assert "nominal_resolution" not in ds.attrs and ds.attrs["input_nominal_resolution"] == "100 km"
+    # the same values as the pipeline on the standardised input: only names and order were given back
+    import torch
+
+    from dpdm_diffusers import DownscalingPipeline
+    from dpdm_diffusers.evaluation import set_scheduler
+    from dpdm_diffusers.workflows import open_low_res
+
+    p = set_scheduler(DownscalingPipeline.from_pretrained(tmp_path / "model"), "dpmsolver++")
+    ref = p(open_low_res(tmp_path / "low.nc", ["tas"]).load(), num_members=2, num_inference_steps=2,
+            generator=torch.Generator().manual_seed(0), noise_time_correlation=0.5).members.tas
+    np.testing.assert_allclose(ds.tas.values[..., ::-1, :], ref.values, atol=1e-5)

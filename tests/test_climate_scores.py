@@ -233,3 +233,121 @@ def test_pipeline_noise_correlated_in_time_is_exact_across_chunks(pipe):
         pipe(low.isel(time=[0]), **kw)
     with pytest.raises(ValueError, match="noise_time_correlation must be"):
         pipe(low, **{**kw, "noise_time_correlation": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------------
+# dpdm evaluate on any files
+# ---------------------------------------------------------------------------------------------------
+def write_daily_case(tmp_path):
+    """Daily truth (temperature and precipitation) on 8 x 8 points, its 4 x 4 block means and a 3-member ensemble
+    that is the truth plus 1 K and 20% more rain."""
+    rng = np.random.default_rng(0)
+    time = pd.date_range("2001-01-01", periods=3 * 365, freq="D")
+    lat, lon = 10 + np.arange(8) * 0.25, 100 + np.arange(8) * 0.25
+    shape = (time.size, 8, 8)
+    seasonal = 10 * np.sin(2 * np.pi * np.arange(time.size) / 365)[:, None, None]
+    tas = 290 + seasonal + rng.normal(0, 2, shape)
+    pr = np.where(rng.random(shape) < 0.3, rng.gamma(0.8, 6, shape), 0.0)
+    coords = {"time": time, "lat": ("lat", lat, {"units": "degrees_north"}),
+              "lon": ("lon", lon, {"units": "degrees_east"})}
+    truth = xr.Dataset({"tas": (("time", "lat", "lon"), tas, {"units": "K"}),
+                        "pr": (("time", "lat", "lon"), pr, {"units": "mm"})}, coords=coords)
+    truth.to_netcdf(tmp_path / "truth.nc")
+    from dpdm_diffusers.data import coarsen
+
+    coarsen(truth, 4).to_netcdf(tmp_path / "low.nc")
+    ens = xr.concat([truth.assign(tas=truth.tas + 1 + 0.1 * k, pr=truth.pr * 1.2) for k in range(3)], dim="member")
+    ens.to_netcdf(tmp_path / "ens.nc")
+    return truth
+
+
+def test_dpdm_evaluate_scores_forecast_files_with_baselines_indices_and_figures(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dpdm_diffusers.cli import app
+
+    write_daily_case(tmp_path)
+    out = tmp_path / "eval"
+    res = CliRunner().invoke(app, [
+        "evaluate", "--truth", str(tmp_path / "truth.nc"), "--forecast", f"dpdm={tmp_path / 'ens.nc'}",
+        "--low-res", str(tmp_path / "low.nc"), "--reference", "2001,2001", "--future", "2003,2003",
+        "--out-dir", str(out)])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "scores.json").read_text())
+    climate = pd.DataFrame(report["climate"])
+    pick = lambda m, v, k: climate[(climate.method == m) & (climate.variable == v) & (climate.metric == k)].iloc[0]  # noqa: E731
+    assert pick("dpdm", "tas", "bias").value == pytest.approx(1.1)  # members +1.0, +1.1, +1.2
+    assert pick("dpdm", "tas", "bias").member_spread == pytest.approx(np.std([1.0, 1.1, 1.2]))
+    assert pick("dpdm", "tas", "change_signal_bias").value == pytest.approx(0.0, abs=1e-9)
+    assert pick("dpdm", "pr", "q99_bias").value > 0 and pick("bicubic", "tas", "RALSD").value > 1
+    assert {"bilinear", "bicubic", "dpdm"} <= set(climate.method)
+    indices = pd.DataFrame(report["indices"])
+    rx = indices[(indices["index"] == "Rx1day") & (indices.method == "dpdm")].iloc[0]
+    assert rx.ratio == pytest.approx(1.2)
+    su = indices[(indices["index"] == "TXx") & (indices.method == "dpdm")].iloc[0]
+    assert su.mean_bias == pytest.approx(1.1)
+    for kind in ("spectra", "qq", "rank", "bias_maps"):
+        assert (out / f"scores_tas_{kind}.png").stat().st_size > 1000
+    assert "ETCCDI" in (out / "scores.md").read_text()
+    # a forecast on another grid is refused, naming the problem
+    xr.open_dataset(tmp_path / "ens.nc").isel(lat=slice(0, 4)).to_netcdf(tmp_path / "cut.nc")
+    res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "truth.nc"), "--forecast",
+                                   str(tmp_path / "cut.nc"), "--out-dir", str(out)])
+    assert res.exit_code != 0 and "not on the truth's grid" in res.output
+
+
+def two_stage(noise_time_correlation=0.0, noise_time_unit=None):
+    from conftest import make_pipeline
+
+    from dpdm_diffusers import DownscalingPipeline
+
+    diff, reg = make_pipeline(seed=0), make_pipeline(seed=1)
+    return DownscalingPipeline(unet=diff.unet, scheduler=diff.scheduler, regression_unet=reg.unet,
+                               **{k: v for k, v in diff.config.items() if not k.startswith("_") and k not in
+                                  ("noise_time_correlation", "noise_time_unit", *diff.components)},
+                               noise_time_correlation=noise_time_correlation, noise_time_unit=noise_time_unit)
+
+
+def test_a_model_carries_its_noise_correlation_and_the_call_can_override_it(tmp_path):
+    from dpdm_diffusers import DownscalingPipeline
+    from dpdm_diffusers.grids import Grid
+
+    low = make_low_res(ntime=4)
+    static = make_static(Grid.from_xarray(low).refine(4))
+    pipe = two_stage(0.6, "month")
+    pipe.set_progress_bar_config(disable=True)
+    pipe.save_pretrained(tmp_path / "m")
+    pipe = DownscalingPipeline.from_pretrained(tmp_path / "m")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.config.noise_time_correlation == 0.6 and pipe.config.noise_time_unit == "month"
+    kw = dict(static_fields=static, num_members=2, num_inference_steps=2)
+    run = lambda **k: pipe(low, generator=torch.Generator().manual_seed(0), **kw, **k).members["tas"].values  # noqa: E731
+    np.testing.assert_allclose(run(), run(noise_time_correlation=0.6), atol=1e-6)
+    assert not np.allclose(run(), run(noise_time_correlation=0.0))
+    # one time step: the model's unit serves; array input has no time axis and draws independently, silently
+    one = pipe(low.isel(time=[2]), generator=torch.Generator().manual_seed(0), **kw).members["tas"].values
+    np.testing.assert_allclose(one[:, 0], run()[:, 2], atol=1e-5)
+    with pytest.raises(ValueError, match="noise_time_correlation must be"):
+        two_stage(1.5)
+
+
+def test_training_measures_the_residual_persistence_of_its_data():
+    from dpdm_diffusers.data import PairedData, coarsen
+    from dpdm_diffusers.grids import Grid
+    from dpdm_diffusers.training.stages import measure_noise_time_correlation
+    from dpdm_diffusers.user_data import RegionData
+
+    high = make_low_res(nlat=24, nlon=32, ntime=12, step=0.25)
+    region = RegionData(pairs=PairedData(high, coarsen(high, 4), 4),
+                        static=xr.Dataset(make_static(Grid.from_xarray(high))), train={}, validation=None)
+    pipe = two_stage()
+    pipe.set_progress_bar_config(disable=True)
+    out = measure_noise_time_correlation(pipe, region)
+    assert out["noise_time_unit"] == "month"
+    assert out["noise_time_correlation"] == round(min(max(out["measured"], 0.0), 0.95), 2)
+    assert pipe.config.noise_time_correlation == out["noise_time_correlation"]
+    short = RegionData(pairs=PairedData(high.isel(time=slice(0, 5)), coarsen(high, 4).isel(time=slice(0, 5)), 4),
+                       static=region.static, train={}, validation=None)
+    assert measure_noise_time_correlation(two_stage(), short) is None  # 5 steps cannot tell

@@ -147,6 +147,43 @@ def calibrate(pipe, region, cfg) -> dict:
     return calibration
 
 
+MIN_PERSISTENCE_STEPS = 10  # fewer time steps cannot tell a lag-1 autocorrelation from noise
+
+
+def measure_noise_time_correlation(pipe, region, max_fields: int = 400) -> dict | None:
+    """The persistence of the truth's fine-scale residual on the training split: the lag-1 autocorrelation in time
+    (detrended, per point, mean over points and variables) of truth minus the regression stage's mean, in units of
+    each variable's transform. Registered as the pipeline's ``noise_time_correlation`` (clipped to 0..0.95) with its
+    ``noise_time_unit``, so that members keep the truth's step-to-step persistence (benchmarks/climate_signal.py).
+
+    Returns ``{"noise_time_correlation", "noise_time_unit", "measured"}``, or ``None`` (nothing registered) when the
+    training split has no regular time axis of at least :data:`MIN_PERSISTENCE_STEPS` steps along a single
+    series (e.g. a few months of an ensemble)."""
+    from dpdm_diffusers.climate_scores import lag1_autocorrelation
+    from dpdm_diffusers.seeding import MAX_TIME_CORRELATION, infer_time_unit
+    from dpdm_diffusers.transforms import forward_transform
+
+    pairs = region.pairs.sel(**region.train) if region.train else region.pairs
+    truth, low = pairs.high_res[list(pipe.config.variables)], pairs.low_res
+    if "time" not in truth.dims or truth.sizes["time"] < MIN_PERSISTENCE_STEPS or truth.sizes["time"] > max_fields:
+        return None
+    try:
+        unit = infer_time_unit(truth["time"].values[:2])
+    except ValueError:
+        return None
+    mean = pipe.regression_pipeline()(low.load(), static_fields=region.static).mean
+    values = []
+    for v, transform in zip(pipe.config.variables, pipe.config.transforms):
+        residual = forward_transform(truth[v].load(), transform) - forward_transform(mean[v], transform)
+        values.append(float(lag1_autocorrelation(residual, annual=False).mean()))
+    measured = float(np.nanmean(values))
+    rho = round(float(np.clip(measured, 0.0, MAX_TIME_CORRELATION)), 2)
+    pipe.register_to_config(noise_time_correlation=rho, noise_time_unit=unit)
+    logger.info("fine-scale residual persistence on the training split: lag-1 autocorrelation %.3f per %s -> "
+                "noise_time_correlation %.2f", measured, unit, rho)
+    return {"noise_time_correlation": rho, "noise_time_unit": unit, "measured": measured}
+
+
 def finetune_two_stage(cfg, train: Callable[..., Path]) -> Path:
     """Fine-tune both stages of a two-stage model on new data, in one run that resumes like any other.
 

@@ -37,6 +37,7 @@ from dpdm_diffusers.training.stages import (
     calibrate,
     finetune_two_stage,
     load_base_models,
+    measure_noise_time_correlation,
     regression_forward,
     residual_scale,
 )
@@ -246,6 +247,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
         pipe.save_pretrained(output_dir)
         if not last_val:
             last_val = run_validation(global_step)
+        persistence = measure_noise_time_correlation(pipe, data.region) if reg_unet is not None else None
         calibration = None
         has_validation = data.region.has_validation
         if reg_unet is not None and has_validation and cfg.calibrate_spread in (None, True):
@@ -257,7 +259,7 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
             {"global_step": global_step, "train_samples_per_s": samples_per_s,
              "steady_train_samples_per_s": steady_samples_per_s, "wall_time_s": time.time() - t_start,
              "num_processes": accelerator.num_processes, "first_crops_per_process": first_crops,
-             "stochastic_std": stochastic_std,
+             "stochastic_std": stochastic_std, "noise_time_persistence": persistence,
              "spread_calibration": {k: v for k, v in calibration.items() if k != "curve"} if calibration else None,
              **last_val, "history": history}, indent=2))
         if cfg.push_to_hub:
