@@ -59,19 +59,20 @@ def load_scenario(name: str) -> xr.Dataset:
 
 
 def training_residual_persistence(pipe) -> float:
-    """Mean lag-1 autocorrelation of the truth's fine-scale residual (truth - regression mean) over the fine-tuning
-    years (E1 1860-1950): the noise correlation that `--correlations auto` uses, measured on training data only."""
-    from dpdm_diffusers.climate_scores import lag1_autocorrelation
-    from dpdm_diffusers.data import coarsen, open_dataset, trim_to_multiple
+    """What training registers as the model's ``noise_time_correlation`` (`training.stages.
+    measure_noise_time_correlation`), measured on the fine-tuning years (E1 1860-1950): the `auto` correlation. (The
+    model here was fine-tuned before training measured it, so it is measured again the same way.)"""
+    from dpdm_diffusers.data import PairedData, coarsen, open_dataset, trim_to_multiple
     from dpdm_diffusers.grids import Grid
     from dpdm_diffusers.static_fields import get_static_fields
+    from dpdm_diffusers.training.stages import measure_noise_time_correlation
+    from dpdm_diffusers.user_data import RegionData
 
     truth = trim_to_multiple(open_dataset(sample_file("E1_north_america.nc"), variables=[VAR],
-                                          time=("1860", "1950")), 4).load()
+                                          time=("1860", "1950")), 4).load().rename({VAR: "surface_temperature"})
     static = get_static_fields(Grid.from_xarray(truth), list(pipe.config.static_channels))
-    reg = pipe.regression_pipeline()(coarsen(truth, 4), static_fields=static,
-                                     variable_map={VAR: "surface_temperature"}).mean[VAR]
-    return float(lag1_autocorrelation(truth[VAR] - reg).mean())
+    region = RegionData(pairs=PairedData(truth, coarsen(truth, 4), 4), static=static, train={}, validation=None)
+    return measure_noise_time_correlation(pipe, region)["measured"]
 
 
 def forecasts(pipe, truth: xr.Dataset, members: int, steps: int, correlations, timings: dict, scenario: str) -> dict:
