@@ -29,7 +29,8 @@ import xarray as xr
 from . import metrics
 
 __all__ = ["EXTREMES", "REGISTRY", "Metric", "anomalies", "brier_score", "change_signal", "change_signal_bias",
-           "interannual_variability_ratio", "intervariable_correlation", "lag1_autocorrelation",
+           "interannual_variability_ratio", "intervariable_correlation",
+           "intervariable_correlation_members", "lag1_autocorrelation",
            "lag1_autocorrelation_bias", "quantile_bias", "ralsd", "register", "score", "threshold_weighted_crps",
            "wasserstein", "wasserstein_per_point"]
 
@@ -173,6 +174,16 @@ def intervariable_correlation(ds: xr.Dataset, a: str, b: str, time_dim: Hashable
     precipitation; over space when there is no time dim."""
     dim = time_dim if time_dim in ds[a].dims else _spatial_dims(ds[a], time_dim)
     return xr.corr(ds[a], ds[b], dim=dim).rename(f"corr_{a}_{b}")
+
+
+def intervariable_correlation_members(ds: xr.Dataset, a: str, b: str, time_dim: Hashable = TIME,
+                                      member_dim: Hashable = MEMBER) -> list[float]:
+    """Each member's (or the one field's) correlation of ``a`` and ``b`` over time, mean over points: compare with
+    the truth's to see whether members keep the link between variables (e.g. hot and dry together)."""
+    corr = intervariable_correlation(ds, a, b, time_dim)
+    other = [d for d in corr.dims if d != member_dim]
+    per = corr.mean(other) if other else corr
+    return [float(x) for x in np.atleast_1d(per.values)]
 
 
 # ---------------------------------------------------------------------------------------------------

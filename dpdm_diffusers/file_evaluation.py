@@ -105,6 +105,19 @@ class FieldScores:
                     "|---|" + "---|" * len(pairs)]
             for m in methods:
                 out.append(f"| {m} | " + " | ".join(f"{val.get((p, m), float('nan')):.3f}" for p in pairs) + " |")
+            timed = {(r["pair"], r["method"]): r for r in self.consistency if "time_correlation" in r}
+            if timed:
+                out += ["", "Correlation over time at each point (mean over points; members one by one, mean ± "
+                        "spread), and its bias against the truth's:", "", "| method | " + " | ".join(pairs) + " |",
+                        "|---|" + "---|" * len(pairs)]
+                for m in methods:
+                    cells = []
+                    for p in pairs:
+                        r = timed.get((p, m))
+                        cells.append("–" if r is None else f"{r['time_correlation']:.3f}" + (
+                            f" ± {r['time_correlation_spread']:.2g} (bias {r['time_correlation_bias']:+.3f})"
+                            if "time_correlation_bias" in r else ""))
+                    out.append(f"| {m} | " + " | ".join(cells) + " |")
         if self.climate is not None and not self.climate.empty:
             from .climate_scores import markdown_table
 
@@ -161,15 +174,28 @@ def score_fields(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], *, scal
     precip = {v: field_statistics.precipitation_rows(truth[v], {k: f[v] for k, f in forecasts.items()},
                                                      wet_thresholds, members_dim)
               for v in precipitation if v in variables}
-    if consistency_pairs is None:
-        consistency_pairs = [p for p in CONSISTENCY_PAIRS if set(p) <= set(variables)]
     consistency = []
+    timed = "time" in truth.dims and truth.sizes["time"] >= 3
+    fine = scale_factor > 1
+    if consistency_pairs is None:
+        consistency_pairs = [p for p in CONSISTENCY_PAIRS if set(p) <= set(variables)] if fine or timed else []
     for a, b in consistency_pairs:
-        consistency.append({"pair": f"{a}-{b}", "method": "truth",
-                            "correlation": field_statistics.fine_scale_correlation(truth, a, b, scale_factor)})
+        row = {"pair": f"{a}-{b}", "method": "truth",
+               "correlation": field_statistics.fine_scale_correlation(truth, a, b, scale_factor) if fine
+               else float("nan")}
+        if timed:  # the link over time at each point (e.g. hot and dry together), members one by one
+            ref = climate_scores.intervariable_correlation_members(truth, a, b)[0]
+            row["time_correlation"] = ref
+        consistency.append(row)
         for name, f in forecasts.items():
-            consistency.append({"pair": f"{a}-{b}", "method": name, "correlation":
-                                field_statistics.fine_scale_correlation(f, a, b, scale_factor, members_dim)})
+            row = {"pair": f"{a}-{b}", "method": name,
+                   "correlation": field_statistics.fine_scale_correlation(f, a, b, scale_factor, members_dim) if fine
+                   else float("nan")}
+            if timed:
+                per = climate_scores.intervariable_correlation_members(f, a, b, member_dim=members_dim)
+                row.update(time_correlation=float(np.mean(per)), time_correlation_bias=float(np.mean(per)) - ref,
+                           time_correlation_spread=float(np.std(per)))
+            consistency.append(row)
     distribution = {v: field_statistics.distribution_rows(truth[v], {k: f[v] for k, f in forecasts.items()})
                     for v in variables}
     units = {v: str(truth[v].attrs.get("units", "")) for v in variables}
@@ -373,7 +399,7 @@ def evaluate_forecast_files(truth_files: Sequence[str], forecast_specs: Sequence
         forecasts = {k: f.sel(time=common) for k, f in forecasts.items()}
     precip = [v for v in truth.data_vars if default_transform(str(v), truth[v].attrs) == "log1p"]
     scores = score_fields(truth, forecasts, scale_factor=scale, precipitation=precip, wet_thresholds=wet_thresholds,
-                          consistency_pairs=None if scale > 1 else [], seed=seed, climate_metrics=climate_metrics,
+                          seed=seed, climate_metrics=climate_metrics,
                           periods=periods, index_freq=index_freq, progress=progress)
     scores.notes.append("Files: truth " + ", ".join(map(str, truth_files)) + "; forecasts "
                         + ", ".join(forecast_specs) + (f"; low-res {', '.join(low_res)}" if low_res else ""))

@@ -349,6 +349,24 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                                    torch.arange(n).repeat(num_batch))
         return _Canvas(tiler, cond_tiles, lerp_norm, invalid, num_batch, height, width)
 
+    def time_correlation(self, layout, noise_time_correlation: float | None, noise_time_unit: str | None):
+        """``(rho, samples)`` for :meth:`prepare_latents` when members' noise is correlated in time, else ``None``.
+
+        ``rho`` is the call's, else the model's own where the input has a time axis; the unit is the call's, else
+        the data's own spacing, else the model's (a single time step)."""
+        cfg = self.config
+        if noise_time_correlation is None:
+            has_time = not layout.is_array and "time" in layout.batch_dims and "time" in layout.template.coords
+            noise_time_correlation = cfg.get("noise_time_correlation", 0.0) if has_time else 0.0
+        if not noise_time_correlation:
+            return None
+        if layout.is_array:
+            raise ValueError("noise_time_correlation needs xarray input with a time coordinate.")
+        times = layout.template["time"].values if "time" in layout.template.coords else ()
+        unit = noise_time_unit or (infer_time_unit(times) if len(times) > 1 else cfg.get("noise_time_unit"))
+        unit = unit or infer_time_unit(times)  # one step and no unit anywhere: the clear error
+        return float(noise_time_correlation), temporal_samples(layout.template, layout.batch_dims, "time", unit)
+
     def prepare_latents(self, seeds: Sequence[int], sample_keys: Sequence[str], canvas: _Canvas, num_members: int,
                         latents: torch.Tensor | None, device, temporal: tuple | None = None
                         ) -> tuple[torch.Tensor, list[torch.Generator]]:
@@ -550,10 +568,10 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                 ``time`` coordinate, keyed by the time stamp so chunks and resumed runs stay exact. 0 draws every
                 time step independently. Default: the model's ``noise_time_correlation`` (what training measured
                 as the persistence of the truth's fine-scale residual on its data; 0 for models that did not),
-                which is applied only where the input has a ``time`` coordinate. With a deterministic sampler (DDIM, DPM-Solver++) members then keep
-                part of their fine-scale anomaly from one step to the next; stochastic samplers (DDPM) add
-                independent noise at every denoising step, which this does not correlate. Needs xarray input with
-                a ``time`` coordinate.
+                applied only where the input has a ``time`` coordinate. With a deterministic sampler (DDIM,
+                DPM-Solver++) members then keep part of their fine-scale anomaly from one step to the next;
+                stochastic samplers (DDPM) add independent noise at every denoising step, which this does not
+                correlate. A value given here needs xarray input with a ``time`` coordinate.
             noise_time_unit (`str`, *optional*):
                 The step of that series: ``"year"``, ``"month"`` or ``"day"`` (default: read from the first two
                 time stamps, else the model's ``noise_time_unit``; a call with one time step needs one of them).
@@ -605,19 +623,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         #    (seeded by the sample's key, never its position); every member of a deterministic model is one field
         regression = cfg.objective == "regression"
         seeds = member_seeds(generator, num_members)[: 1 if regression else None]
-        temporal = None
-        if noise_time_correlation is None:  # the model's own, applied where the input has a time axis
-            has_time = not layout.is_array and "time" in layout.batch_dims and "time" in layout.template.coords
-            noise_time_correlation = cfg.get("noise_time_correlation", 0.0) if has_time else 0.0
-        if noise_time_correlation and not regression:
-            if layout.is_array:
-                raise ValueError("noise_time_correlation needs xarray input with a time coordinate.")
-            times = layout.template["time"].values if "time" in layout.template.coords else ()
-            # the caller's unit, else the data's own spacing, else the model's (one time step)
-            unit = noise_time_unit or (infer_time_unit(times) if len(times) > 1 else cfg.get("noise_time_unit"))
-            unit = unit or infer_time_unit(times)  # one step and no unit anywhere: the clear error
-            temporal = (float(noise_time_correlation), temporal_samples(layout.template, layout.batch_dims, "time",
-                                                                          unit))
+        temporal = None if regression else self.time_correlation(layout, noise_time_correlation, noise_time_unit)
         latents, row_gens = self.prepare_latents(seeds, layout.sample_keys, canvas, num_members, latents, device,
                                                  temporal)
         fused = dict(canvas=canvas, tiles_per_call=tiles_per_call)

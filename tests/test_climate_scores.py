@@ -291,6 +291,9 @@ def test_dpdm_evaluate_scores_forecast_files_with_baselines_indices_and_figures(
     for kind in ("spectra", "qq", "rank", "bias_maps"):
         assert (out / f"scores_tas_{kind}.png").stat().st_size > 1000
     assert "ETCCDI" in (out / "scores.md").read_text()
+    # shifting temperature and scaling rain keep their link over time: no correlation bias, for every member
+    link = [r for r in report["consistency"] if r["pair"] == "tas-pr" and r["method"] == "dpdm"][0]
+    assert link["time_correlation_bias"] == pytest.approx(0.0, abs=1e-9) and link["time_correlation_spread"] < 1e-9
     # a forecast on another grid is refused, naming the problem
     xr.open_dataset(tmp_path / "ens.nc").isel(lat=slice(0, 4)).to_netcdf(tmp_path / "cut.nc")
     res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "truth.nc"), "--forecast",
