@@ -155,13 +155,13 @@ def maps_figure(truth: xr.DataArray, fcs: dict, path: Path, members: int, rho: f
         b = b.mean("member") if "member" in b.dims else b
         panels.append((f"{m}: signal bias (K)", b, "RdBu_r", 0.5))
     ac_t = cs.lag1_autocorrelation(truth.sel(time=slice(*REFERENCE)))
-    panels.append(("truth: lag-1 autocorrelation 1961-1990", ac_t, "PuOr", 1.0))
+    panels.append(("truth: lag-1 autocorrelation 1961-1990 (1)", ac_t, "PuOr", 1.0))
     ac_m = cs.lag1_autocorrelation(fcs[ens_label].sel(time=slice(*REFERENCE))).mean("member")
-    panels.append(("members (mean of their lag-1 autocorrelations)", ac_m, "PuOr", 1.0))
+    panels.append(("members: mean of their lag-1 autocorrelations (1)", ac_m, "PuOr", 1.0))
     fig, axes = plt.subplots(2, 3, figsize=(14, 7))
     for ax, (title, da, cmap, lim) in zip(axes.ravel(), panels):
         kw = {"vmin": -lim, "vmax": lim} if lim else {}
-        da.plot(ax=ax, cmap=cmap, **kw)
+        da.plot(ax=ax, cmap=cmap, cbar_kwargs={"label": ""}, **kw)  # the title says what and in which units
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -176,6 +176,29 @@ COLUMNS = [("signal", "change signal (K)", ".2f"), ("change_signal_bias", "signa
            ("q99_bias", "99th pct bias (K)", "+.3f"), ("wasserstein", "Wasserstein (K)", ".3f"),
            ("wasserstein_per_point", "Wasserstein per point (K)", ".3f"), ("RMSE", "RMSE (K)", ".3f"),
            ("CRPS", "CRPS (K)", ".3f")]
+
+
+def findings(rows: list[dict]) -> list[str]:
+    """What the table says, in words (read off the rows, never typed in)."""
+    by = {r["method"]: r for r in rows}
+    ens = [r for r in rows if "members" in r["method"]]
+    indep, corr = ens[0], ens[-1]
+    t = rows[0]
+    out = [f"- Change signal: the members' domain mean is {indep['signal']:.2f} K against the truth's "
+           f"{t['truth_signal']:.2f} K; per point, the RMS of the signal's bias is {indep['change_signal_bias_rms']:.3f} K "
+           f"for the members, {by['Regression stage']['change_signal_bias_rms']:.3f} K for the regression stage and "
+           f"{by['Bicubic']['change_signal_bias_rms']:.3f} K for bicubic interpolation.",
+           f"- Persistence: members drawn independently each year have a lag-1 autocorrelation "
+           f"{indep['lag1_autocorrelation_bias']:+.3f} off the truth's {t['truth_lag1']:.3f} "
+           f"({100 * indep['lag1_autocorrelation_bias'] / t['truth_lag1']:+.0f}%)"]
+    if corr is not indep:
+        out[-1] += (f"; with {corr['method'].split(', ', 1)[1]} {corr['lag1_autocorrelation_bias']:+.3f}, RMSE "
+                    f"{corr['RMSE']:.3f} K against {indep['RMSE']:.3f} K and CRPS {corr['CRPS']:.3f} K against "
+                    f"{indep['CRPS']:.3f} K.")
+    out.append(f"- Tails: the members' 99th percentile is {indep['q99_bias']:+.3f} K off the truth's and their 1st "
+               f"{indep['q1_bias']:+.3f} K (bicubic: {by['Bicubic']['q99_bias']:+.3f} and {by['Bicubic']['q1_bias']:+.3f}"
+               f" K); interannual variability ratio {indep['interannual_variability_ratio']:.3f}.")
+    return out
 
 
 def markdown(results: dict) -> str:
@@ -199,9 +222,12 @@ def markdown(results: dict) -> str:
                     cells.append("–")
                     continue
                 spread = r.get(key + "_spread", 0.0)
+                if not np.isfinite(r[key]):  # e.g. the regression stage's residual from itself
+                    cells.append("–")
+                    continue
                 cells.append(f"{r[key]:{fmt}}" + (f" ± {spread:.2g}" if spread else ""))
             out.append(f"| {r['method']} | " + " | ".join(cells) + " |")
-        out.append("")
+        out += ["", *findings(rows), ""]
     if results.get("training_residual_lag1") is not None:
         out += [f"`auto` noise correlation: the truth's fine-scale residual (truth - regression mean) has lag-1 "
                 f"autocorrelation {results['training_residual_lag1']:.3f} over the fine-tuning years (E1 1860-1950).",
@@ -220,7 +246,12 @@ def main():
     ap.add_argument("--correlations", default="0,auto", help="noise_time_correlation values of the ensembles; auto: "
                     "the lag-1 autocorrelation of the truth's fine-scale residual over the fine-tuning years")
     ap.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--markdown-only", action="store_true", help="rewrite the .md from the recorded .json")
     args = ap.parse_args()
+    if args.markdown_only:
+        path = Path(args.out_dir) / "climate_signal.json"
+        path.with_suffix(".md").write_text(markdown(json.loads(path.read_text())))
+        return
 
     from dpdm_diffusers import DownscalingPipeline
     from dpdm_diffusers.evaluation import set_scheduler
