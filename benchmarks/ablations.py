@@ -158,7 +158,7 @@ def markdown(results: dict) -> str:
            "", "Test month January 2012 (13 fields, 144 x 192), "
            f"{results['members']} members, DPM-Solver++ {results['sampler_steps']} steps. Validation: the 4-member "
            "mean's RMSE on two December 2011 fields against step (`ablations_curves.png`).", "",
-           "| run | static channels | patch | batch | wall (min) | best val RMSE (K) at step | final val RMSE (K) | "
+           "| run | static channels | patch | batch | wall (min) | first step below interpolation | final val RMSE (K) | "
            + " | ".join(c for _, c in cols) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(cols)]
     for name, b in results["baselines"].items():
         out.append(f"| {name} | – | – | – | – | – | – | " + " | ".join(
@@ -169,16 +169,50 @@ def markdown(results: dict) -> str:
                        f"did not train: {r['error']} |" + " |" * (len(cols) + 2))
             continue
         val = (r.get("history") or {}).get("validation") or []
-        best = min(val, key=lambda v: v["val_rmse_mean"]) if val else None
         t = r.get("test", {})
-        best_txt = f"{best['val_rmse_mean']:.3f} at {best['step']}" if best else "–"
+        below = first_below(r, results.get("validation_lerp"))
+        best_txt = str(below) if below else f"not in {results['steps']}"
         final_txt = f"{val[-1]['val_rmse_mean']:.3f}" if val else "–"
         out.append(f"| {name} | {', '.join(r['static_channels']) or 'none'} | {r['patch_size']} | {r['batch']} | "
                    f"{r['wall_s'] / 60:.1f} | {best_txt} | {final_txt} | "
                    + " | ".join(f"{t[k]:.3f}" if k in t else "–" for k, _ in cols) + " |")
-    if results.get("notes"):
-        out += [""] + [f"- {n}" for n in results["notes"]]
+    out += ["", "First step below interpolation: the first validation (every " f"{max(1, results['steps'] // 6)} steps) "
+            "whose 4-member mean beats the interpolated input on the validation fields "
+            f"({results.get('validation_lerp', float('nan')):.3f} K); a convergence speed.", ""]
+    out += [f"- {n}" for n in findings(results) + results.get("notes", [])]
     return "\n".join(out) + "\n"
+
+
+def first_below(run: dict, lerp: float | None) -> int | None:
+    for v in (run.get("history") or {}).get("validation") or []:
+        if lerp is not None and v["val_rmse_mean"] < lerp:
+            return v["step"]
+    return None
+
+
+def findings(results: dict) -> list[str]:
+    """The paper's claims against the table (read off the numbers)."""
+    runs, out = results["runs"], []
+    rmse = {n: r["test"]["rmse_mean"] for n, r in runs.items() if "test" in r}
+    if {"both", "none"} <= set(rmse):
+        static = [n for n in ("both", "topo", "lsm", "none") if n in rmse]
+        speed = {n: first_below(runs[n], results.get("validation_lerp")) for n in static}
+        out.append("Static channels (paper: topography speeds convergence): test RMSE of the mean "
+                   + ", ".join(f"{n} {rmse[n]:.3f} K" for n in static) + "; first validation step below "
+                   "interpolation " + ", ".join(f"{n} {speed[n] or 'never'}" for n in static) + ". "
+                   + ("Holds here." if rmse["both"] < rmse["none"] and (speed["none"] is None or
+                                                                       (speed["both"] or 1e9) < speed["none"])
+                      else "Does not hold here."))
+    patches = [n for n in ("patch32", "both", "patch128") if n in rmse]
+    if len(patches) == 3:
+        best = min(patches, key=rmse.get)
+        out.append("Patch size (paper: 128 beats 32 and 64): test RMSE of the mean "
+                   + ", ".join(f"{runs[n]['patch_size']} px {rmse[n]:.3f} K" for n in patches) + ". "
+                   + ("Holds here." if best == "patch128" else f"Does not hold here ({runs[best]['patch_size']} px best)."))
+    if "error" in runs.get("patch256", {}):
+        out.append("256 px (paper: does not converge): cannot be tried on this 144 x 192 global grid, which is "
+                   "narrower than the patch (the trainer refuses it: `" + runs["patch256"]["error"] + "`).")
+    return out
 
 
 def main():

@@ -64,7 +64,7 @@ def downscale(
     overwrite: bool = typer.Option(False, help="Replace an existing output (only once the new one is complete)."),
     noise_time_correlation: float | None = typer.Option(None, min=0.0, max=0.95, help="Lag-1 correlation in time "
                                                         "of each member's noise (0: independent steps; default: the "
-                                                        "model's, measured in training; README 'Persistence')."),
+                                                        "model's, measured in training; README: Judge it as climate scientists do)."),
 ):
     """Downscale a low-res record into an ensemble on the model's finer grid, streamed chunk by chunk to disk.
 

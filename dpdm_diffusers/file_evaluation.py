@@ -217,9 +217,11 @@ def daily_indices(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], freq: 
     roles = ci.roles(truth)
     if not roles or not ci.is_daily(truth[next(iter(roles.values()))]):
         return []
+    def fields(ds):
+        return {r: ds[v] for r, v in roles.items()}
+
     rows = []
     for index in ci.indices_for(list(roles)):
-        fields = lambda ds: {r: ds[v] for r, v in roles.items()}  # noqa: E731
         rows += ci.index_scores(index, fields(truth), {k: fields(f) for k, f in forecasts.items()}, freq, members_dim)
     return rows
 
@@ -313,8 +315,8 @@ def _named(spec: str) -> tuple[str, str]:
     return Path(spec.rstrip("/")).stem, spec
 
 
-def load_forecasts(specs: Sequence[str], truth: xr.Dataset, variable_map: Mapping[str, str] | None = None,
-                   members_dim: str = "member") -> dict[str, xr.Dataset]:
+def load_forecasts(specs: Sequence[str], truth: xr.Dataset,
+                   variable_map: Mapping[str, str] | None = None) -> dict[str, xr.Dataset]:
     """Open forecast files (``name=path``; e.g. the output of ``dpdm downscale``) on the truth's grid and times.
 
     Each keeps the truth's variables (``variable_map``: forecast name -> truth name) and the time steps it shares
@@ -332,6 +334,10 @@ def load_forecasts(specs: Sequence[str], truth: xr.Dataset, variable_map: Mappin
             raise ValueError(f"Forecast {name!r} ({path}) has no variable {missing}; it has {sorted(ds.data_vars)}. "
                              "Map names with --variable forecast_name=truth_name.")
         ds = ds[list(truth.data_vars)]
+        try:  # a forecast over a larger domain is cut to the truth's region (e.g. --lat-box)
+            ds = ds.sel(lat=truth.lat.values, lon=truth.lon.values, method="nearest", tolerance=1e-4)
+        except KeyError:
+            pass  # reported below, with both grids
         for dim in ("lat", "lon"):
             if ds.sizes.get(dim) != truth.sizes[dim] or not np.allclose(ds[dim].values, truth[dim].values, atol=1e-4):
                 raise ValueError(f"Forecast {name!r} ({path}) is not on the truth's grid: its {dim} has "

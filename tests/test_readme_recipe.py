@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -38,6 +39,8 @@ def test_readme_region_recipe_runs_end_to_end(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     model = tmp_path / "runs" / "gulf-coast"
     assert (model / "model_index.json").exists() and (model / "stage1-regression" / "model_index.json").exists()
+    config = json.loads((model / "model_index.json").read_text())  # the persistence training measured on 1860-2000
+    assert config["noise_time_unit"] == "year" and 0.0 <= config["noise_time_correlation"] <= 0.95
     card = (model / "README.md").read_text()
     assert "## Spread calibration" in card and "the local model `dpdm-glosea4-ts-x4`" in card and str(ROOT) not in card
     out = xr.open_dataset(tmp_path / "runs" / "a1b-fine.nc")

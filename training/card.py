@@ -67,6 +67,13 @@ def training_card(cfg, pipe, *, data_info: dict, fields, global_step: int, num_p
     }
     if calibration:
         sections["Spread calibration"] = calibration_text(calibration)
+    rho = float(pipe.config.get("noise_time_correlation", 0.0) or 0.0)
+    if rho:
+        sections["Persistence"] = (
+            f"Each member's noise is correlated in time with lag-1 correlation {rho:.2f} per "
+            f"{pipe.config.get('noise_time_unit')}: the persistence of the truth's fine-scale residual (truth minus "
+            "the regression mean) on the training split, so members keep the truth's step-to-step persistence "
+            "(benchmarks/results/climate_signal.md). Pass `noise_time_correlation=0` for independent time steps.")
     variables = ", ".join(map(str, pipe.config.variables))
     return render_model_card(dict(pipe.config), title=cfg.model_card_title, base_model=base_id, base_text=base_text,
                              repo_id=cfg.hub_model_id, summary=summary, sections=sections, pipe=pipe,
