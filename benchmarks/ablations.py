@@ -23,8 +23,10 @@ Validation RMSE (the pipeline's 4-member mean on two December fields) is recorde
 DPM-Solver++ steps: RMSE of the mean, CRPS, spread-skill, the 1st/99th percentile bias, the Wasserstein distance and
 the RALSD of single members (dpdm_diffusers.climate_scores).
 
-GPU recipe (not run here): the same runs with `--steps 20000 --device-batch-multiplier 4` fit one H100 in about
-5 minutes each (train_throughput_cuda.md: about 4,000 samples/s at 64 px).
+GPU recipe (not run here): `python benchmarks/ablations.py --steps 3000 --device-batch-multiplier 4
+--run-dir runs/ablations-gpu --out-dir benchmarks/results/ablations-gpu` trains each run for the default recipe's
+3000 steps at 4x the batch (64 at 64 px): about 190,000 samples, 2-3 minutes per run on one H100 at the
+1,200-2,300 samples/s of train_throughput_cuda.md.
 
 Writes benchmarks/results/ablations.{md,json} and ablations_curves.png; runs in runs/ablations/ (git-ignored).
 """
