@@ -179,10 +179,10 @@ def reconstruct(
     """Downscale ``low_res`` (lazy is fine: one chunk is loaded at a time) into ``output`` (``.zarr`` or ``.nc``).
 
     ``members`` writes every member (``<var>``); ``stats`` writes ``<var>_mean`` and ``<var>_std``. Safe to kill
-    at any moment and to rerun; see the module docstring. ``noise_time_correlation``: the pipeline's option (default:
-    the model's), its time unit read once from the whole record so every chunk uses the same. ``output_layout``: the input file's dim
-    names and coordinate order (:func:`dpdm_diffusers.data.input_layout`), given back in the output. Returns timings
-    of this process's share.
+    at any moment and to rerun; see the module docstring. ``noise_time_correlation``: the pipeline's option
+    (default: the model's), its time unit read once from the whole record so every chunk uses the same.
+    ``output_layout``: the input file's dim names and coordinate order (:func:`dpdm_diffusers.data.input_layout`),
+    given back in the output. Returns timings of this process's share.
     """
     from tqdm.auto import tqdm
 
@@ -228,7 +228,8 @@ def reconstruct(
     settings = run_settings(pipe, low_res, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
                             chunk_size=chunk_size, members=members, stats=stats, variable_map=variable_map, model_id=model_id,
                             conserve=conserve, extra={"noise_time_correlation": float(noise_time_correlation),
-                                                      "noise_time_unit": time_unit, "output_layout": output_layout})
+                                                      "noise_time_unit": time_unit,
+                                                      "output_layout": output_layout if _renames(output_layout) else None})
     settings = json.loads(json.dumps(settings, default=str))  # compared with the stored JSON: same types (lists, str)
     store = partial_path(output)
     chunks = _chunks(low_res.sizes["time"], chunk_size)
