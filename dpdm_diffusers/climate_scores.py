@@ -107,25 +107,50 @@ def _years(x: xr.DataArray, time_dim: Hashable = TIME) -> xr.DataArray:
     return x.groupby(years.rename("year")).mean(time_dim).rename(year=time_dim)
 
 
+def _segment_ids(times) -> np.ndarray:
+    """Which contiguous run each time step belongs to: a gap of more than 1.5 typical steps (e.g. 1990 -> 2070 when
+    two periods are scored together) starts a new run, so no anomaly or lag pair spans it."""
+    values = np.asarray(times)
+    if values.size < 3:
+        return np.zeros(values.size, dtype=int)
+    steps = np.diff(values)
+    if np.issubdtype(steps.dtype, np.timedelta64):
+        steps = steps.astype("timedelta64[s]").astype(np.float64)
+    elif steps.dtype == object:  # cftime differences are datetime.timedelta
+        steps = np.array([d.total_seconds() for d in steps], dtype=np.float64)
+    steps = np.asarray(steps, dtype=np.float64)
+    return np.r_[0, np.cumsum(steps > 1.5 * np.median(steps))]
+
+
 def anomalies(x: xr.DataArray, time_dim: Hashable = TIME, detrend: bool = True) -> xr.DataArray:
-    """``x`` minus its linear trend in time (or only its time mean, ``detrend=False``), per point (and member): a
-    climate-change trend is not persistence."""
-    t = np.arange(x.sizes[time_dim], dtype=np.float64)
-    tt = xr.DataArray(t - t.mean(), dims=[time_dim], coords={time_dim: x[time_dim]})
-    mean = x.mean(time_dim)
-    if not detrend:
-        return x - mean
-    slope = ((x - mean) * tt).sum(time_dim) / float((tt**2).sum())
-    return x - mean - slope * tt
+    """``x`` minus its linear trend in time (or only its time mean, ``detrend=False``), per point (and member) and
+    per contiguous run of time steps: a climate-change trend, or the jump between two scored periods, is not
+    persistence."""
+    ids = _segment_ids(x[time_dim].values)
+    parts = []
+    for k in np.unique(ids):
+        seg = x.isel({time_dim: np.flatnonzero(ids == k)})
+        t = np.arange(seg.sizes[time_dim], dtype=np.float64)
+        tt = xr.DataArray(t - t.mean(), dims=[time_dim], coords={time_dim: seg[time_dim]})
+        mean = seg.mean(time_dim)
+        if detrend and seg.sizes[time_dim] > 1:
+            slope = ((seg - mean) * tt).sum(time_dim) / float((tt**2).sum())
+            parts.append(seg - mean - slope * tt)
+        else:
+            parts.append(seg - mean)
+    return parts[0] if len(parts) == 1 else xr.concat(parts, dim=time_dim)
 
 
 def lag1_autocorrelation(x: xr.DataArray, time_dim: Hashable = TIME, detrend: bool = True,
                          annual: bool = True) -> xr.DataArray:
     """Lag-1 autocorrelation of each point's (and member's) anomaly series (:func:`anomalies`), of annual means
-    when ``annual`` and the data is finer than yearly."""
-    a = anomalies(_years(x, time_dim) if annual else x, time_dim, detrend)
+    when ``annual`` and the data is finer than yearly; pairs across a gap in time are left out."""
+    x = _years(x, time_dim) if annual else x
+    a = anomalies(x, time_dim, detrend)
+    ids = _segment_ids(x[time_dim].values)
+    same = xr.DataArray(ids[1:] == ids[:-1], dims=[time_dim])
     a0, a1 = a.isel({time_dim: slice(None, -1)}), a.isel({time_dim: slice(1, None)})
-    a1 = a1.assign_coords({time_dim: a0[time_dim].values})
+    a0, a1 = (v.drop_vars(time_dim).where(same, 0.0) for v in (a0, a1))
     num = (a0 * a1).sum(time_dim)
     den = np.sqrt((a0**2).sum(time_dim) * (a1**2).sum(time_dim))
     return (num / den).rename("lag1_autocorrelation")

@@ -58,6 +58,12 @@ def test_lag1_autocorrelation_recovers_an_ar1_and_ignores_a_trend():
     assert float(cs.lag1_autocorrelation(x + trend, detrend=False).mean()) > 0.95
     white = ar1(0.0, seed=1)
     assert cs.lag1_autocorrelation_bias(white, x) == pytest.approx(-0.6, abs=0.06)
+    # two periods scored together (a gap and a 10 K jump between them): neither the jump nor the gap is persistence
+    early, late = x.isel(time=slice(0, 1500)), x.isel(time=slice(2500, 4000)) + 10.0
+    both = xr.concat([early, late], dim="time")
+    assert float(cs.lag1_autocorrelation(both).mean()) == pytest.approx(0.6, abs=0.04)
+    np.testing.assert_allclose(cs.anomalies(both).isel(time=slice(1500, None)).values,
+                               cs.anomalies(late).values, atol=1e-9)
 
 
 def test_interannual_variability_of_monthly_data_uses_annual_means():
