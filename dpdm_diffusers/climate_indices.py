@@ -45,7 +45,7 @@ def is_daily(x: xr.DataArray, time_dim: Hashable = "time") -> bool:
     import xarray.coding.frequencies as freq
 
     f = freq.infer_freq(x[time_dim])
-    return bool(f) and f.endswith("D") and f in ("D", "1D")
+    return f in ("D", "1D")
 
 
 def _as_rate(pr: xr.DataArray) -> xr.DataArray:

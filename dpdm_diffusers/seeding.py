@@ -67,7 +67,8 @@ def row_generators(seeds: Sequence[int], keys: Sequence[str]) -> list[torch.Gene
 
 
 # ---------------------------------------------------------------------------------------------------
-# Noise correlated in time (opt-in): a member keeps its fine-scale anomalies from one time step to the next
+# Noise correlated in time (per call, or the persistence a model measured in training): a member keeps part of
+# its fine-scale anomaly from one time step to the next
 # ---------------------------------------------------------------------------------------------------
 TIME_UNITS = ("year", "month", "day")
 MAX_TIME_CORRELATION = 0.95  # the truncated sum below needs ~90 draws per sample at 0.95
