@@ -29,7 +29,7 @@ import xarray as xr
 from . import metrics
 
 __all__ = ["EXTREMES", "REGISTRY", "Metric", "anomalies", "brier_score", "change_signal", "change_signal_bias",
-           "interannual_variability_ratio", "intervariable_correlation",
+           "interannual_variability_ratio", "quantile_biases", "intervariable_correlation",
            "intervariable_correlation_members", "lag1_autocorrelation",
            "lag1_autocorrelation_bias", "quantile_bias", "ralsd", "register", "score", "threshold_weighted_crps",
            "wasserstein", "wasserstein_per_point"]
@@ -49,9 +49,14 @@ def _spatial_dims(x: xr.DataArray, time_dim: Hashable = TIME, member_dim: Hashab
 # ---------------------------------------------------------------------------------------------------
 # Distributions
 # ---------------------------------------------------------------------------------------------------
+def quantile_biases(forecast: xr.DataArray, truth: xr.DataArray, quantiles: Sequence[float]) -> np.ndarray:
+    """Each quantile of every value of ``forecast`` minus the truth's, in the variable's units."""
+    return np.quantile(_finite(forecast), quantiles) - np.quantile(_finite(truth), quantiles)
+
+
 def quantile_bias(forecast: xr.DataArray, truth: xr.DataArray, q: float) -> float:
     """The ``q`` quantile of every value of ``forecast`` minus the truth's, in the variable's units."""
-    return float(np.quantile(_finite(forecast), q) - np.quantile(_finite(truth), q))
+    return float(quantile_biases(forecast, truth, [q])[0])
 
 
 def wasserstein(forecast: xr.DataArray, truth: xr.DataArray) -> float:

@@ -12,6 +12,8 @@ from collections.abc import Hashable, Mapping, Sequence
 import numpy as np
 import xarray as xr
 
+from . import climate_scores
+
 __all__ = ["DEFAULT_QUANTILES", "DEFAULT_WET_THRESHOLDS", "distribution_rows", "fine_scale_anomaly",
            "fine_scale_correlation", "precipitation_rows", "precipitation_summary", "quantile_bias", "wasserstein"]
 
@@ -21,9 +23,7 @@ DEFAULT_WET_THRESHOLDS = (0.1, 1.0, 10.0)
 DEFAULT_QUANTILES = (0.01, 0.05, 0.95, 0.99)
 
 
-def _values(field: xr.DataArray) -> np.ndarray:
-    v = np.asarray(field.values, dtype=np.float64).ravel()
-    return v[np.isfinite(v)]
+_values = climate_scores._finite  # every finite value, flattened
 
 
 def precipitation_summary(field: xr.DataArray, thresholds: Sequence[float] = DEFAULT_WET_THRESHOLDS,
@@ -43,19 +43,14 @@ def precipitation_summary(field: xr.DataArray, thresholds: Sequence[float] = DEF
 
 def quantile_bias(field: xr.DataArray, truth: xr.DataArray,
                   quantiles: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, float]:
-    """Each quantile of ``field`` (every point and member pooled) minus the truth's, in the variable's units."""
-    f, y = _values(field), _values(truth)
-    qf, qy = np.quantile(f, quantiles), np.quantile(y, quantiles)
-    return {f"q{100 * q:g}": float(a - b) for q, a, b in zip(quantiles, qf, qy)}
+    """Each quantile of ``field`` (every point and member pooled) minus the truth's, in the variable's units
+    (:func:`climate_scores.quantile_biases`), keyed ``q1``, ``q99`` ..."""
+    biases = climate_scores.quantile_biases(field, truth, quantiles)
+    return {f"q{100 * q:g}": float(b) for q, b in zip(quantiles, biases)}
 
 
-def wasserstein(field: xr.DataArray, truth: xr.DataArray) -> float:
-    """The first Wasserstein (earth mover's) distance between the values of ``field`` (every point and member pooled)
-    and the truth's, in the variable's units: how far the whole distribution is moved, tails included
-    (:func:`scipy.stats.wasserstein_distance`)."""
-    from scipy.stats import wasserstein_distance
-
-    return float(wasserstein_distance(_values(field), _values(truth)))
+#: the first Wasserstein distance of the pooled values (:func:`climate_scores.wasserstein`)
+wasserstein = climate_scores.wasserstein
 
 
 def distribution_rows(truth: xr.DataArray, forecasts: Mapping[str, xr.DataArray],
