@@ -25,6 +25,7 @@ from dpdm_diffusers import metrics
 from dpdm_diffusers.transforms import forward_transform, inverse_transform
 
 DEFAULT_FACTORS = tuple(np.round(np.geomspace(0.5, 4.0, 31), 4))
+TARGETS = ("ssr", "crps")
 MAX_WIDENING = 8  # rounds of widening a pinned search: x2^8 (about 0.002 .. 1000 from the default range)
 
 
@@ -76,6 +77,10 @@ def calibrate_spread(
                          "plain diffusion model is not a separate scale.")
     cfg = pipe.config
     variables, transforms = list(cfg.variables), list(cfg.transforms)
+    if target not in TARGETS:
+        raise ValueError(f"Unknown calibration target {target!r}; use one of {TARGETS}.")
+    if target == "ssr" and not target_ssr > 0:
+        raise ValueError(f"target_ssr must be positive, got {target_ssr}.")
     out = pipe(low_res, static_fields=static_fields, num_members=num_members, num_inference_steps=num_inference_steps,
                generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call, member_dim=member_dim)
     center = pipe.regression_pipeline()(low_res, static_fields=static_fields, tiles_per_call=tiles_per_call).mean
@@ -85,10 +90,6 @@ def calibrate_spread(
         return forward_transform(torch.from_numpy(np.asarray(da.values, dtype=np.float64)), name).numpy()
 
     spaces = {v: (to_t(members[v], t), to_t(center[v], t)) for v, t in zip(variables, transforms)}
-    if target not in ("crps", "ssr"):
-        raise ValueError(f"Unknown calibration target {target!r}; use 'crps' or 'ssr'.")
-    if target == "ssr" and not target_ssr > 0:
-        raise ValueError(f"target_ssr must be positive, got {target_ssr}.")
 
     def score(v, t, k) -> dict:
         m, c = spaces[v]

@@ -12,6 +12,7 @@ Each command parses its options, calls one library function (:mod:`dpdm_diffuser
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -20,8 +21,29 @@ import typer
 
 from dpdm_diffusers.workflows import DEFAULT_MODEL, DEFAULT_REGRESSION
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Probabilistic downscaling with diffusion models (DPDM).")
+
+
+@app.callback()
+def _global_options(
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback of an error (for bug reports); "
+                               "without it an error is one line. Also DPDM_DEBUG=1."),
+):
+    """Probabilistic downscaling with diffusion models (DPDM)."""
+    if debug:
+        os.environ["DPDM_DEBUG"] = "1"
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception as the one line ``dpdm`` prints: the message (the path of an OSError), never a traceback."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror + (f": {err.filename}" if err.filename and str(err.filename) not in err.strerror else "")
+    else:
+        text = str(err).strip("'\"") or type(err).__name__
+    if isinstance(err, (KeyError, AttributeError, TypeError, IndexError, ZeroDivisionError, AssertionError)):
+        text = f"{type(err).__name__}: {text}"  # likely a bug rather than bad input: say what kind
+    return " ".join(text.split())
 
 
 def _items(text: str | None) -> list[str]:
@@ -413,9 +435,22 @@ def demo(
                f"(pipeline {res.pipeline_seconds:.0f} s for {res.fields} fields x {members} members)")
 
 
-def main():  # pragma: no cover
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The ``dpdm`` entry point: errors are one line on stderr and exit status 1; ``--debug`` (anywhere on the
+    command line) or ``DPDM_DEBUG=1`` shows the traceback instead."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args or os.environ.get("DPDM_DEBUG") == "1"
+    args = [a for a in args if a != "--debug"]
+    try:
+        app(args=args, prog_name="dpdm")
+    except SystemExit:
+        raise
+    except Exception as err:  # noqa: BLE001 - every error a user can cause ends as one line
+        if debug or os.environ.get("DPDM_DEBUG") == "1":
+            raise
+        typer.echo(f"Error: {_one_line(err)} (dpdm --debug ... shows the traceback)", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover
-    app()
+    main()

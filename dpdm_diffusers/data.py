@@ -30,10 +30,12 @@ from .grids import (
     Grid,
     check_lat_lon,
     check_regular,
+    contiguous_longitude,
     interpolate,
     interpolation_methods,
     is_global_lon,
 )
+from .naming import parse_mapping  # noqa: F401 - public here too (CLI, training configs)
 
 __all__ = [
     "open_dataset",
@@ -214,6 +216,10 @@ def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = 
             obj = obj.isel({d: slice(None, None, -1)})  # descending: a lazy view, no sort needed
         elif not np.all(step > 0):
             obj = obj.sortby(d)  # e.g. longitudes stored 0..180 then -180..0
+    try:  # a region across the dateline in -180..180 (or Greenwich in 0..360) is regular in the other convention
+        obj = contiguous_longitude(obj, "lat", "lon")
+    except ValueError:
+        pass  # reported below, with what to do
     try:
         check_regular(obj["lat"].values, "lat")
         check_regular(obj["lon"].values, "lon")
@@ -222,8 +228,9 @@ def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = 
             raise
         if not regular_grid:
             raise ValueError(f"{err} Near-regular grids (e.g. Gaussian latitudes) can be put on a regular grid "
-                             "conservatively with `dpdm_diffusers.data.regularize(ds)` (training/finetune option "
-                             "`regular_grid: true`, CLI `--regular-grid`).") from None
+                             "conservatively with `dpdm_diffusers.data.regularize(ds)` (training option `regular_grid: true`, `--regular-grid` of "
+                             "dpdm train, finetune, calibrate and evaluate; for dpdm downscale, regularize the file "
+                             "first and save it).") from None
         obj = regularize(obj)
     obj = obj.assign_coords(
         lat=obj["lat"].assign_attrs(units="degrees_north", standard_name="latitude"),
@@ -313,23 +320,6 @@ def select_variables(ds: xr.Dataset, variables: Sequence[str] | str) -> xr.Datas
             "Rename with `ds.rename({'old': 'new'})` if the names differ."
         )
     return ds[variables]
-
-
-def parse_mapping(items) -> dict[str, str]:
-    """``{"yours": "model's"}`` from a mapping, ``"a=b,c=d"`` or ``["a=b", "c=d"]`` (CLI and YAML forms)."""
-    if not items:
-        return {}
-    if isinstance(items, Mapping):
-        return {str(k): str(v) for k, v in items.items()}
-    if isinstance(items, str):
-        items = [x for x in items.split(",") if x.strip()]
-    out = {}
-    for item in items:
-        if "=" not in str(item):
-            raise ValueError(f"A name mapping is written yours=model's (e.g. air_temperature=surface_temperature), got {item!r}.")
-        k, v = (x.strip() for x in str(item).split("=", 1))
-        out[k] = v
-    return out
 
 
 def convert_to_units(ds: xr.Dataset, units: Mapping[str, str]) -> xr.Dataset:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from dpdm_diffusers.cf_attrs import clean_cf, output_attrs
-from dpdm_diffusers.grids import Grid, check_lat_lon, lat_lon_names
+from dpdm_diffusers.grids import Grid, check_lat_lon, contiguous_longitude, lat_lon_names
 from dpdm_diffusers.naming import apply_variable_map
 from dpdm_diffusers.seeding import position_keys, sample_keys
 from dpdm_diffusers.transforms import forward_transform
@@ -248,6 +248,9 @@ class FieldProcessor:
             arr = _as_numpy(static_fields)
             if arr.shape != (len(names), *dst.shape):
                 raise ValueError(f"Static array must have shape {(len(names), *dst.shape)} for {names}, got {arr.shape}.")
+            bad = [n for n, a in zip(names, arr) if not np.isfinite(a).all()]
+            if bad:
+                raise ValueError(f"Static field(s) {bad} contain NaN or inf; fill them (e.g. 0 m over the ocean).")
             return arr.astype(np.float32)
         missing = [n for n in names if n not in static_fields]
         if missing:
@@ -371,26 +374,6 @@ class FieldProcessor:
             out = out.isel({lon_name: slice(None, None, -1)})
         out = out.rename(dict(layout.rename_back)) if layout.rename_back else out
         return out[list(out.data_vars)[0]] if layout.kind == "dataarray" else out
-
-
-def contiguous_longitude(ds, lat_name: str, lon_name: str):
-    """A region across the dateline given in -180..180 (or across Greenwich in 0..360) is a regular grid in the other
-    convention: use that (the output's longitudes are then continuous, e.g. 170..190) instead of refusing."""
-    import xarray as xr
-
-    try:
-        Grid(np.sort(ds[lat_name].values), np.sort(ds[lon_name].values))
-        return ds
-    except ValueError as err:
-        first = err
-    lon = np.asarray(ds[lon_name].values, dtype=np.float64)
-    for shifted in (np.mod(lon, 360.0), (lon + 180.0) % 360.0 - 180.0):
-        try:
-            Grid(np.sort(ds[lat_name].values), np.sort(shifted))
-        except ValueError:
-            continue
-        return ds.assign_coords({lon_name: xr.Variable(lon_name, shifted, ds[lon_name].attrs)}).sortby(lon_name)
-    raise first
 
 
 def _as_numpy(x) -> np.ndarray:

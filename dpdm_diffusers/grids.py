@@ -121,7 +121,13 @@ class Grid:
         return is_global_lon(self.lon)
 
     def refine(self, factor: int) -> Grid:
-        return Grid(refine(self.lat, factor), refine(self.lon, factor))
+        lat = refine(self.lat, factor)
+        if factor > 1 and np.abs(lat).max() > 90 + 1e-6:
+            raise ValueError(
+                f"The grid has cells centred on a pole (latitude {self.lat[np.argmax(np.abs(self.lat))]:g}): split "
+                f"{factor} ways, their fine cells would lie beyond the pole. Drop the pole rows first, e.g. "
+                "ds.sel(lat=slice(-89.9, 89.9)) (they are half cells on such grids), or regrid to cell-centred latitudes.")
+        return Grid(lat, refine(self.lon, factor))
 
     def scale_factor_to(self, fine: Grid) -> float:
         """Ratio of this grid's spacing to ``fine``'s, checked to be the same in lat and lon."""
@@ -134,6 +140,26 @@ class Grid:
     def from_xarray(cls, obj) -> Grid:
         la, lo = lat_lon_names(obj)
         return cls(obj[la].values, obj[lo].values)
+
+
+def contiguous_longitude(ds, lat_name: str, lon_name: str):
+    """A region across the dateline given in -180..180 (or across Greenwich in 0..360) is a regular grid in the other
+    convention: use that (the output's longitudes are then continuous, e.g. 170..190) instead of refusing."""
+    import xarray as xr
+
+    try:
+        Grid(np.sort(ds[lat_name].values), np.sort(ds[lon_name].values))
+        return ds
+    except ValueError as err:
+        first = err
+    lon = np.asarray(ds[lon_name].values, dtype=np.float64)
+    for shifted in (np.mod(lon, 360.0), (lon + 180.0) % 360.0 - 180.0):
+        try:
+            Grid(np.sort(ds[lat_name].values), np.sort(shifted))
+        except ValueError:
+            continue
+        return ds.assign_coords({lon_name: xr.Variable(lon_name, shifted, ds[lon_name].attrs)}).sortby(lon_name)
+    raise first
 
 
 def _unwrap_lon(target_lon: np.ndarray, src_lon: np.ndarray) -> np.ndarray:

@@ -39,6 +39,23 @@ def mapping_hint(missing: Sequence[str], spare: Sequence[str], option: str = "va
             f"`{_CLI_FLAGS.get(option, '--' + option)} {a}={b}` (CLI) or `{option}: {{{a}: {b}}}` (config).")
 
 
+def parse_mapping(items) -> dict[str, str]:
+    """``{"yours": "model's"}`` from a mapping, ``"a=b,c=d"`` or ``["a=b", "c=d"]`` (CLI and YAML forms)."""
+    if not items:
+        return {}
+    if isinstance(items, Mapping):
+        return {str(k): str(v) for k, v in items.items()}
+    if isinstance(items, str):
+        items = [x for x in items.split(",") if x.strip()]
+    out = {}
+    for item in items:
+        if "=" not in str(item):
+            raise ValueError(f"A name mapping is written yours=model's (e.g. air_temperature=surface_temperature), got {item!r}.")
+        k, v = (x.strip() for x in str(item).split("=", 1))
+        out[k] = v
+    return out
+
+
 def apply_variable_map(
     ds: xr.Dataset,
     variable_map: Mapping[str, str] | None,
@@ -67,7 +84,7 @@ def apply_variable_map(
         VariableMapError: the map names a variable ``ds`` lacks or renames onto one it holds; a wanted name is missing
             (with the mapping to pass when one name is missing and one is spare); with ``exact``, unexpected variables.
     """
-    mapping = {str(k): str(v) for k, v in (variable_map or {}).items()}
+    mapping = parse_mapping(variable_map)  # also the CLI's ["yours=model's", ...] form
     holds = sorted(map(str, ds.data_vars))
     unknown = [k for k in mapping if k not in ds.data_vars]
     if unknown:

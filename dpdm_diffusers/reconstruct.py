@@ -6,8 +6,12 @@ more than one chunk in memory, so a 180-year monthly record runs on a laptop as 
 * **Streaming**: the record is cut into chunks of ``chunk_size`` time steps; each chunk is downscaled and written
   into its region of a zarr store as soon as it is done. Memory does not depend on the record's length.
 * **Resume**: the work happens in ``.<name>.dpdm-partial.zarr`` beside the output. A chunk counts as done only when
-  its marker file exists, written after its data. A rerun of the same command skips done chunks; a rerun with
-  other settings (model, seed, members, steps, scheduler, chunking...) is refused instead of mixing runs.
+  its marker exists and its data reads back with the checksum the marker holds (:mod:`dpdm_diffusers.run_store`);
+  damaged chunks are recomputed. A rerun of the same command on the same input skips done chunks; a rerun on other
+  input values, coordinates or static fields, other weights, or other settings (sampler, seed, members, dtype,
+  conservation, chunking...) is refused with what differs (``overwrite=True`` discards that run instead).
+* **Checked before any store exists**: every time step goes through the pipeline's input checks, so a refused
+  input leaves nothing behind; one run per output at a time (a lock file).
 * **Chunk invariance**: the pipeline keys each member's noise by the time stamp (:mod:`dpdm_diffusers.seeding`),
   so a time step's members do not depend on which chunk, process or resumed run produced them.
 * **Scale-out**: under ``accelerate launch`` / ``torchrun``, pending chunks are split between processes with
@@ -19,7 +23,8 @@ more than one chunk in memory, so a 180-year monthly record runs on a laptop as 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -37,6 +42,24 @@ from . import __version__
 from .cf_attrs import clean_cf, output_attrs
 from .io import check_output, is_own_output, netcdf_encoding, output_format, replace_atomically, zarr_encoding
 from .naming import apply_variable_map
+from .run_store import (
+    InputFingerprint,
+    OutputLock,
+    array_fingerprint,
+    coords_fingerprint,
+    differences,
+    discard,
+    explain_store_error,
+    is_write_error,
+    mark_done,
+    marked,
+    markers_path,
+    model_fingerprint,
+    read_region,
+    refusal,
+    region_checksum,
+    whole_chunks,
+)
 from .seeding import infer_time_unit
 
 logger = logging.getLogger(__name__)
@@ -72,26 +95,15 @@ def partial_path(output: Path) -> Path:
     return output.with_name(f".{output.name}.dpdm-partial.zarr")
 
 
-def _model_fingerprint(pipe) -> str:
-    """A hash of the model's config and weights: a resume with other weights is refused."""
-    h = hashlib.blake2b(digest_size=12)
-    h.update(json.dumps({k: v for k, v in dict(pipe.config).items() if not k.startswith("_")}, sort_keys=True, default=str).encode())
-    for name in ("unet", "regression_unet"):
-        unet = getattr(pipe, name, None)
-        if unet is not None:
-            for k, v in sorted(unet.state_dict().items()):
-                h.update(k.encode())
-                h.update(v.detach().float().cpu().numpy().tobytes()[:4096])  # enough to tell checkpoints apart
-                h.update(str(float(v.detach().float().sum())).encode())
-    return h.hexdigest()
-
-
 def run_settings(pipe, low_res: xr.Dataset, *, num_members, num_inference_steps, seed, chunk_size, members, stats,
                  variable_map, model_id, conserve=False, extra: Mapping | None = None) -> dict:
-    """Everything that determines the output's values and layout (compared on resume)."""
+    """Everything that determines the output's values and layout (compared on resume, except the model's name:
+    :data:`~dpdm_diffusers.run_store.NOT_COMPARED`). ``extra`` adds the input fingerprints and options such as the
+    noise correlation (only when set, so they do not differ from a run that never had them)."""
     times = low_res["time"].values if "time" in low_res.dims else np.array([0])
     return {
-        "model": str(model_id), "model_fingerprint": _model_fingerprint(pipe),
+        "model": str(model_id), "model_fingerprint": model_fingerprint(pipe),
+        "dtype": str(getattr(pipe, "autocast_dtype", None) or "float32").replace("torch.", ""),
         "scheduler": type(pipe.scheduler).__name__,
         "scheduler_config": {k: v for k, v in dict(pipe.scheduler.config).items() if not k.startswith("_")},
         "num_inference_steps": int(num_inference_steps), "num_members": int(num_members), "seed": int(seed),
@@ -99,26 +111,19 @@ def run_settings(pipe, low_res: xr.Dataset, *, num_members, num_inference_steps,
         "variable_map": dict(variable_map or {}), "variables": sorted(map(str, low_res.data_vars)),
         "time_steps": int(len(times)), "time_first": str(times[0]), "time_last": str(times[-1]),
         "grid": [int(low_res.sizes["lat"]), int(low_res.sizes["lon"])],
-        **({"conserve": True} if conserve else {}),  # only when set: stores written before the option still resume
-        **{k: v for k, v in (extra or {}).items() if v},  # likewise: noise correlation, the input's layout
+        **({"conserve": True} if conserve else {}),
+        **{k: v for k, v in (extra or {}).items() if v},
     }
+
+
+def model_name(model_id) -> str:
+    """How an output records its model: the Hub id, or the folder's name, never a machine's absolute path."""
+    text = str(model_id or "")
+    return os.path.basename(text.rstrip("/\\")) if os.path.isabs(text) or os.path.isdir(text) else text
 
 
 def _chunks(n: int, size: int) -> list[tuple[int, int, int]]:
     return [(i, a, min(a + size, n)) for i, a in enumerate(range(0, n, size))]
-
-
-def markers_path(store: Path) -> Path:
-    """Folder of the per-chunk "done" markers, beside the store (zarr readers warn about foreign files inside)."""
-    return store.with_name(store.name[: -len(".zarr")] + ".chunks")
-
-
-def _marker(store: Path, i: int) -> Path:
-    return markers_path(store) / f"chunk-{i:06d}.done"
-
-
-def _done(store: Path, n_chunks: int) -> set[int]:
-    return {i for i in range(n_chunks) if _marker(store, i).exists()}
 
 
 def _template(pipe, low_res: xr.Dataset, out_names: dict, grid, num_members: int, chunk_size: int, members: bool,
@@ -224,100 +229,178 @@ def reconstruct(
     if noise_time_correlation:
         pipe.check_inputs(num_members, num_inference_steps, 1, None, (), noise_time_correlation)
         time_unit = infer_time_unit(low_res["time"].values[:2])
-    model_id = model_id or str(getattr(pipe, "name_or_path", "") or "")
-    settings = run_settings(pipe, low_res, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
-                            chunk_size=chunk_size, members=members, stats=stats, variable_map=variable_map, model_id=model_id,
-                            conserve=conserve, extra={"noise_time_correlation": float(noise_time_correlation),
-                                                      "noise_time_unit": time_unit,
-                                                      "output_layout": output_layout if _renames(output_layout) else None})
-    settings = json.loads(json.dumps(settings, default=str))  # compared with the stored JSON: same types (lists, str)
+    model_id = model_name(model_id or pipe.config.get("hub_id") or getattr(pipe, "name_or_path", "") or "")
     store = partial_path(output)
     chunks = _chunks(low_res.sizes["time"], chunk_size)
-
-    # 1. Create the store, or check that the unfinished one belongs to the same run
-    if state.is_main_process:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        if store.exists():
-            try:
-                old = json.loads(xr.open_zarr(store, consolidated=False).attrs[RUN_ATTR])
-            except Exception as err:  # not ours, or unreadable: never delete what we cannot identify
-                raise ValueError(f"{store} exists but is not a readable dpdm run ({err}); move it away.") from err
-            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            if diff:
-                raise ValueError(
-                    f"An unfinished run with other settings is in {store} (they differ in {diff}); refusing to mix "
-                    "runs. Rerun with the same settings to finish it, or delete that folder to start over.")
-            logger.info("resuming %s: %d of %d chunks already done", store, len(_done(store, len(chunks))), len(chunks))
-        else:
-            info = {"model": model_id, "scheduler": settings["scheduler"], "num_inference_steps": num_inference_steps,
-                    "num_members": num_members, "seed": seed, "version": __version__,
-                    "config": json.dumps({k: v for k, v in dict(pipe.config).items() if not k.startswith("_")}, default=str)}
-            attrs = output_attrs({k: v for k, v in low_res.attrs.items() if k != RUN_ATTR},
-                                 scale_factor=pipe.config.scale_factor, info=info)
-            attrs[RUN_ATTR] = json.dumps(settings, default=str)
-            tmpl = _template(pipe, low_res, out_names, grid, num_members, chunk_size, members, stats, attrs, member_dim)
-            tmp = store.with_name(store.name + f".init-{os.getpid()}")
-            tmpl.to_zarr(tmp, mode="w", compute=False, zarr_format=2, consolidated=True, encoding=zarr_encoding(tmpl))
-            shutil.rmtree(markers_path(store), ignore_errors=True)  # stale markers of a store deleted by hand
-            markers_path(store).mkdir()
-            os.replace(tmp, store)  # the store appears complete with its layout, or not at all
-    state.wait_for_everyone()
-
-    # 2. This process's share of the pending chunks
-    done = _done(store, len(chunks))
-    pending = [c for c in chunks if c[0] not in done]
-    state.wait_for_everyone()  # every process listed the same pending chunks before any is marked
-    with state.split_between_processes(pending) as mine:
-        mine = list(mine)
     static = first.static  # validated on the target grid once (derived from packaged data only once)
-    t0, steps_done = time.perf_counter(), 0
-    bar = tqdm(total=low_res.sizes["time"], initial=sum(b - a for i, a, b in chunks if i in done), unit="step",
-               desc="downscale", disable=not (progress and state.is_main_process), dynamic_ncols=True)
-    pipe.set_progress_bar_config(disable=True)
-    for i, a, b in mine:
-        low = low_res.isel(time=slice(a, b)).load()
-        out = pipe(low, static_fields=static, num_members=num_members, num_inference_steps=num_inference_steps,
-                   generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call, variable_map=variable_map,
-                   member_dim=member_dim, conserve=conserve, noise_time_correlation=noise_time_correlation,
-                   noise_time_unit=time_unit)
-        region = {}
-        for user in out_names:
-            m = out.members[user].transpose(member_dim, "time", "lat", "lon")
-            if members:
-                region[user] = m.astype("float32")
-            if stats:
-                region[f"{user}_mean"] = out.mean[user].transpose("time", "lat", "lon").astype("float32")
-                region[f"{user}_std"] = out.std[user].transpose("time", "lat", "lon").astype("float32")
-        ds = xr.Dataset(region)
-        ds = ds.drop_vars(list(ds.coords))  # coordinates are in the store already: a region write holds data only
-        for v in ds.data_vars:
-            if not np.isfinite(ds[v].values).all():  # the input was checked finite: this is a model failure
-                raise FloatingPointError(f"Chunk {i} (time steps {a}:{b}) gave non-finite values for {v}; nothing was written.")
-            ds[v].attrs = {}
-        ds.to_zarr(store, region={"time": slice(a, b)}, mode="r+", zarr_format=2, consolidated=False)
-        marker = _marker(store, i)
-        marker.with_suffix(f".tmp{os.getpid()}").write_text(json.dumps({"chunk": i, "time": [a, b]}))
-        os.replace(marker.with_suffix(f".tmp{os.getpid()}"), marker)  # written after the data: a chunk is done or absent
-        steps_done += b - a
-        elapsed = time.perf_counter() - t0
-        bar.update(b - a)
-        bar.set_postfix(members_per_s=f"{steps_done * num_members / max(elapsed, 1e-9):.2f}")
-    bar.close()
-    elapsed = time.perf_counter() - t0
-    state.wait_for_everyone()
 
-    # 3. Finish: every chunk done -> move the store into place (zarr) or stream it to netCDF
-    if state.is_main_process:
-        left = len(chunks) - len(_done(store, len(chunks)))
-        if left:
-            raise RuntimeError(f"{left} chunk(s) of {store} are not done; rerun the same command to finish them.")
-        _finish(store, output, fmt, overwrite, squeeze_time, output_layout)
-    state.wait_for_everyone()
+    with OutputLock(output) if state.is_main_process else contextlib.nullcontext():
+        # 0. Every time step through the pipeline's own input checks, and the input's fingerprint, before a store
+        #    exists: a refused input leaves nothing behind, and a resume on other data is refused
+        settings = None
+        if state.is_main_process:
+            fingerprint = _scan_input(pipe, low_res, chunks, static, member_dim, variable_map, progress)
+            settings = run_settings(
+                pipe, low_res, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
+                chunk_size=chunk_size, members=members, stats=stats, variable_map=variable_map, model_id=model_id,
+                conserve=conserve,
+                extra={"input_values": fingerprint, "input_coords": coords_fingerprint(low_res),
+                       "static_fields": array_fingerprint(static) if static is not None else None,
+                       "noise_time_correlation": float(noise_time_correlation), "noise_time_unit": time_unit,
+                       "output_layout": output_layout if _renames(output_layout) else None})
+            settings = json.loads(json.dumps(settings, default=str))  # compared with the stored JSON: same types
+            output.parent.mkdir(parents=True, exist_ok=True)
+            _open_store(pipe, low_res, store, settings, overwrite, out_names=out_names, grid=grid,
+                        num_members=num_members, chunk_size=chunk_size, members=members, stats=stats,
+                        member_dim=member_dim, model_id=model_id, seed=seed, num_inference_steps=num_inference_steps)
+            # 1. Chunks marked done whose data does not read back whole are recomputed
+            whole = whole_chunks(store, _stored_names(out_names, members, stats), chunks)
+            if whole:
+                logger.info("resuming %s: %d of %d chunks already done", store, len(whole), len(chunks))
+        state.wait_for_everyone()
+
+        # 2. This process's share of the pending chunks
+        done = marked(store, len(chunks))
+        pending = [c for c in chunks if c[0] not in done]
+        state.wait_for_everyone()  # every process listed the same pending chunks before any is marked
+        with state.split_between_processes(pending) as mine:
+            mine = list(mine)
+        t0, steps_done = time.perf_counter(), 0
+        bar = tqdm(total=low_res.sizes["time"], initial=sum(b - a for i, a, b in chunks if i in done), unit="step",
+                   desc="downscale", disable=not (progress and state.is_main_process), dynamic_ncols=True)
+        pipe.set_progress_bar_config(disable=True)
+        for n, (i, a, b) in enumerate(mine):
+            low = low_res.isel(time=slice(a, b)).load()
+            out = pipe(low, static_fields=static, num_members=num_members, num_inference_steps=num_inference_steps,
+                       generator=torch.Generator().manual_seed(seed), tiles_per_call=tiles_per_call,
+                       variable_map=variable_map, member_dim=member_dim, conserve=conserve,
+                       noise_time_correlation=noise_time_correlation, noise_time_unit=time_unit)
+            ds = _chunk_dataset(out, out_names, members, stats, member_dim)
+            for v in ds.data_vars:
+                if not np.isfinite(ds[v].values).all():  # the input was checked finite: this is a model failure
+                    raise FloatingPointError(
+                        f"Chunk {i} (time steps {a}:{b}) gave non-finite values for {v}; nothing was written.")
+            try:
+                ds.to_zarr(store, region={"time": slice(a, b)}, mode="r+", zarr_format=2, consolidated=False)
+                checksum = region_checksum(ds)
+                # a chunk is done when it reads back as written (the marker, written after, holds the checksum)
+                if region_checksum(read_region(store, ds.data_vars, a, b)) != checksum:
+                    raise OSError(errno.EIO, f"chunk {i} of {store} did not read back as written (a failing disk?)",
+                                  str(store))
+                mark_done(store, i, a, b, checksum)
+            except OSError as err:
+                if not is_write_error(err):
+                    raise
+                left = sum(bb - aa for _, aa, bb in mine[n:]) * ds.nbytes // max(b - a, 1)
+                raise explain_store_error(err, store, left, len(done) + n, len(chunks)) from err
+            steps_done += b - a
+            elapsed = time.perf_counter() - t0
+            bar.update(b - a)
+            bar.set_postfix(members_per_s=f"{steps_done * num_members / max(elapsed, 1e-9):.2f}")
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        state.wait_for_everyone()
+
+        # 3. Finish: every chunk whole (read back again) -> move the store into place (zarr) or stream it to netCDF
+        if state.is_main_process:
+            whole = whole_chunks(store, _stored_names(out_names, members, stats), chunks)
+            left = len(chunks) - len(whole)
+            if left:
+                raise RuntimeError(f"{left} chunk(s) of {store} are not done or did not read back whole; rerun the "
+                                   "same command to compute them.")
+            try:
+                _finish(store, output, fmt, overwrite, squeeze_time, output_layout)
+            except OSError as err:
+                if not is_write_error(err):
+                    raise
+                raise explain_store_error(err, store, _store_bytes(store), len(chunks), len(chunks)) from err
+        state.wait_for_everyone()
     return ReconstructionResult(
         path=output, chunks_total=len(chunks), chunks_computed=len(mine), seconds=elapsed,
         time_steps_per_minute=60 * steps_done / max(elapsed, 1e-9),
         members_per_second=steps_done * num_members / max(elapsed, 1e-9),
     )
+
+
+def _stored_names(out_names: Mapping, members: bool, stats: bool) -> list[str]:
+    """The store's data variables (what a chunk's checksum covers)."""
+    names = []
+    for user in out_names:
+        names += ([user] if members else []) + ([f"{user}_mean", f"{user}_std"] if stats else [])
+    return names
+
+
+def _scan_input(pipe, low_res: xr.Dataset, chunks, static, member_dim: str, variable_map: Mapping,
+                progress: bool) -> str:
+    """Run every chunk of the input through the pipeline's input checks (units, NaN, range, dims) and return the
+    fingerprint of the values the model will see; one read of the input, a chunk at a time."""
+    from tqdm.auto import tqdm
+
+    times = low_res.indexes["time"]
+    if not times.is_unique:
+        dup = times[times.duplicated()][:3]
+        raise ValueError(f"The input's time stamps repeat ({', '.join(map(str, dup))}): each time step's noise is keyed "
+                         "by its stamp, so repeated stamps would share members. Drop or relabel the duplicates.")
+    fingerprint = InputFingerprint()
+    for _, a, b in tqdm(chunks, desc="check input", unit="chunk", disable=not progress or len(chunks) < 8,
+                        dynamic_ncols=True, leave=False):
+        prepared = pipe.processor.preprocess(low_res.isel(time=slice(a, b)).load(), static, None, member_dim, "raise",
+                                             variable_map)
+        fingerprint.update(prepared.values)
+    return fingerprint.hexdigest()
+
+
+def _open_store(pipe, low_res: xr.Dataset, store: Path, settings: dict, overwrite: bool, *, out_names, grid,
+                num_members, chunk_size, members, stats, member_dim, model_id, seed, num_inference_steps) -> None:
+    """Check that an unfinished store belongs to this run (``overwrite`` discards one that does not), or create the
+    store: its layout written under a temporary name, then moved into place whole."""
+    if store.exists():
+        try:
+            old = json.loads(xr.open_zarr(store, consolidated=False).attrs[RUN_ATTR])
+        except Exception as err:  # not ours, or unreadable: never delete what we cannot identify
+            raise ValueError(f"{store} exists but is not a readable dpdm run ({err}); move it away.") from err
+        diff = differences(old, settings)
+        if not diff:
+            return
+        if not overwrite:
+            raise ValueError(refusal(store, diff))
+        logger.warning("discarding the unfinished run in %s (it differs in %s)", store, diff)
+        discard(store)
+    info = {"model": model_id, "scheduler": settings["scheduler"], "num_inference_steps": num_inference_steps,
+            "num_members": num_members, "seed": seed, "version": __version__,
+            "config": json.dumps({k: v for k, v in dict(pipe.config).items() if not k.startswith("_")}, default=str)}
+    attrs = output_attrs({k: v for k, v in low_res.attrs.items() if k != RUN_ATTR},
+                         scale_factor=pipe.config.scale_factor, info=info)
+    attrs[RUN_ATTR] = json.dumps(settings, default=str)
+    tmpl = _template(pipe, low_res, out_names, grid, num_members, chunk_size, members, stats, attrs, member_dim)
+    tmp = store.with_name(store.name + f".init-{os.getpid()}")
+    try:
+        tmpl.to_zarr(tmp, mode="w", compute=False, zarr_format=2, consolidated=True, encoding=zarr_encoding(tmpl))
+        shutil.rmtree(markers_path(store), ignore_errors=True)  # stale markers of a store deleted by hand
+        markers_path(store).mkdir()
+        os.replace(tmp, store)  # the store appears complete with its layout, or not at all
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # never an .init-* folder left behind
+
+
+def _chunk_dataset(out, out_names: Mapping, members: bool, stats: bool, member_dim: str) -> xr.Dataset:
+    """A pipeline output as the store's region: float32 data only (coordinates and attributes are in the store)."""
+    region = {}
+    for user in out_names:
+        if members:
+            region[user] = out.members[user].transpose(member_dim, "time", "lat", "lon").astype("float32")
+        if stats:
+            region[f"{user}_mean"] = out.mean[user].transpose("time", "lat", "lon").astype("float32")
+            region[f"{user}_std"] = out.std[user].transpose("time", "lat", "lon").astype("float32")
+    ds = xr.Dataset(region)
+    ds = ds.drop_vars(list(ds.coords))
+    for v in ds.data_vars:
+        ds[v].attrs = {}
+    return ds
+
+
+def _store_bytes(store: Path) -> int:
+    return sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) if store.exists() else 0
 
 
 def _finish(store: Path, output: Path, fmt: str, overwrite: bool, squeeze_time: bool,

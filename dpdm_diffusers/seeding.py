@@ -37,7 +37,13 @@ def sample_keys(ds, batch_dims: Sequence[str]) -> list[str]:
             per_dim.append([f"{d}={_key_text(v)}" for v in ds[d].values])
         else:  # no coordinate values: keyed by position, like the batch axis of an array input
             per_dim.append([f"#{i}" for i in range(ds.sizes[d])])
-    return ["|".join(combo) for combo in itertools.product(*per_dim)] if per_dim else [""]
+    keys = ["|".join(combo) for combo in itertools.product(*per_dim)] if per_dim else [""]
+    if len(set(keys)) != len(keys):  # two fields with one stamp would share their noise: refused, never silent
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise ValueError(f"Two samples share the coordinates {dup!r}: each sample's noise is keyed by its coordinates, "
+                         "so they would get identical perturbations. Drop or relabel the duplicates.")
+    return keys
 
 
 def position_keys(batch: int) -> list[str]:

@@ -38,10 +38,30 @@ def parse_units(text: str):
     spelled = str(text).strip()
     aliases = {"": "1", "fraction": "1", "0-1": "1", "(0-1)": "1", "deg_c": "degC", "celsius": "degC", "deg_k": "K"}
     spelled = aliases.get(spelled.lower(), spelled)
+    # "deg K", "degrees Celsius", "degree_F": pint reads "deg"/"degree" as an angle times the temperature unit
+    # (0.0175 K), so temperature spellings are matched whole first
+    match = _TEMPERATURE.fullmatch(spelled.lower())
+    if match:
+        spelled = {"k": "K", "kelvin": "K", "c": "degC", "celsius": "degC", "centigrade": "degC", "f": "degF",
+                   "fahrenheit": "degF"}[match.group(1) or match.group(2)]
     try:
-        return reg.Unit(spelled)
+        unit = reg.Unit(spelled)
     except Exception as err:  # pint raises several error types for unreadable strings
         raise ValueError(f"Cannot read the unit {text!r} (expected a CF/UDUNITS unit such as 'K', 'degC', 'm s-1', 'Pa').") from err
+    if unit.dimensionality == reg.Unit("K").dimensionality and unit not in _temperatures(reg):
+        raise ValueError(f"Cannot read the unit {text!r} as a temperature unambiguously (pint reads it as {unit}); "
+                         "write 'K', 'degC' or 'degF'.")
+    return unit
+
+
+# "deg K", "degrees_C", "degree Fahrenheit", "celsius" (a bare "C" or "F" stays pint's coulomb or farad)
+_TEMPERATURE = __import__("re").compile(r"deg(?:ree)?s?[ _]?(k|kelvin|c|celsius|centigrade|f|fahrenheit)|"
+                                        r"(kelvin|celsius|centigrade|fahrenheit)")
+
+
+@lru_cache(maxsize=1)
+def _temperatures(reg):
+    return {reg.Unit(u) for u in ("K", "degC", "degF", "degR")}
 
 
 def same_units(a: str, b: str) -> bool:

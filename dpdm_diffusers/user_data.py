@@ -62,6 +62,38 @@ def _time_indexer(bounds) -> dict:
     return {"time": slice(str(bounds[0]), str(bounds[1]))}
 
 
+def check_time_selections(times: xr.DataArray, train: dict, validation: dict | None, *,
+                          held_out_box: bool = False) -> None:
+    """Refuse, before any training, a time range that selects nothing (not in the data, or reversed) and training
+    and validation ranges that share time steps (validation would then score training data), unless a validation
+    box holds out space instead. Messages give the data's own time range."""
+    if "time" not in times.dims or times.size == 0:
+        return
+    pos = xr.DataArray(np.arange(times.size), coords={"time": times.values}, dims="time")
+    span = f"the data runs from {str(times.values[0])[:19]} to {str(times.values[-1])[:19]} ({times.size} steps)"
+    picked = {}
+    for name, sel in (("train_time", train), ("validation_time", validation)):
+        rng = (sel or {}).get("time")
+        if not isinstance(rng, slice):
+            continue
+        try:
+            idx = pos.sel(time=rng).values
+            backwards = pos.sel(time=slice(rng.stop, rng.start)).values
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(f"--{name.replace('_', '-')} {rng.start},{rng.stop} cannot select times: {err}; "
+                             f"{span}.") from None
+        if idx.size == 0:
+            why = "is reversed (start after end)" if backwards.size else "selects no time step"
+            raise ValueError(f"--{name.replace('_', '-')} {rng.start},{rng.stop} {why}: {span}.")
+        picked[name] = set(idx.tolist())
+    if len(picked) == 2 and not held_out_box:
+        shared = picked["train_time"] & picked["validation_time"]
+        if shared:
+            raise ValueError(f"--train-time and --validation-time share {len(shared)} time step(s) ({span}): "
+                             "validation and spread calibration would measure training data. Give disjoint ranges, "
+                             "or hold out a region with --validation-lat-box/--validation-lon-box.")
+
+
 def box_indices(grid: Grid, scale_factor: int, lat_box, lon_box) -> tuple[slice, slice]:
     """Fine-grid index slices of the whole coarse cells whose centres lie inside ``lat_box``/``lon_box``."""
     coarse = data.coarse_grid(grid, scale_factor)
@@ -152,6 +184,16 @@ def load_region(
 
     train, validation = _time_indexer(train_time), _time_indexer(validation_time) if validation_time else None
     vbox = None
+    if validation and not train and not (validation_lat_box or validation_lon_box) and "time" in pairs.high_res.coords:
+        # no training range: everything but the validation range (never train on what validation scores)
+        all_times = pairs.high_res["time"]
+        held = all_times.sel(**validation).values
+        train = {"time": all_times.values[~np.isin(all_times.values, held)]}
+        if not train["time"].size:
+            raise ValueError(f"--validation-time {list(validation_time)} covers every time step of the data: nothing "
+                             "is left to train on. Give a shorter validation range or a --train-time.")
+    check_time_selections(pairs.high_res["time"] if "time" in pairs.high_res.coords else xr.DataArray([]), train,
+                          validation, held_out_box=bool(validation_lat_box or validation_lon_box))
     if validation_lat_box or validation_lon_box:
         vbox = box_indices(pairs.grid, scale_factor, validation_lat_box, validation_lon_box)
         if validation is None:
@@ -170,7 +212,7 @@ def load_region(
         "low_res": f"{scale_factor}x{scale_factor} block mean" if low_res is None else "given low-res source",
         "variables": ", ".join(f"{a} as {b}" for a, b in variable_map.items()) or ", ".join(variables),
         "grid": f"{pairs.grid.shape[0]} x {pairs.grid.shape[1]} high-res points",
-        "train": str(list(train_time) if train_time else "all"),
+        "train": str(list(train_time)) if train_time else ("all but validation" if train else "all"),
         "validation": (str(list(validation_time)) if validation_time else "")
         + (f" box lat {list(validation_lat_box or [])} lon {list(validation_lon_box or [])}" if vbox else "") or "none",
     }

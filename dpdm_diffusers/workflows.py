@@ -187,8 +187,10 @@ def calibrate_model(model: str = str(DEFAULT_MODEL), high_res: Sequence[str] | N
     With ``write``, the calibrated ``stochastic_std`` is stored in the folder's ``model_index.json`` (returned as
     ``"written"``)."""
     from dpdm_diffusers import DownscalingPipeline
-    from dpdm_diffusers.calibration import calibrate_spread, write_stochastic_std
+    from dpdm_diffusers.calibration import TARGETS, calibrate_spread, write_stochastic_std
 
+    if target not in TARGETS:  # before loading anything or sampling
+        raise ValueError(f"Unknown calibration target {target!r}; use one of {TARGETS}.")
     if not Path(model).exists() and write:
         raise FileNotFoundError(f"{model} is not a local pipeline folder; --write needs one.")
     pipe = DownscalingPipeline.from_pretrained(model)

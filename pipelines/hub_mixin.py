@@ -35,6 +35,7 @@ from dpdm_diffusers.pipelines.pipeline_downscaling import DownscalingPipeline, D
 # exhaust memory (a UNet at these limits has ~1e9 parameters).
 CONFIG_LIMITS = {"layers_per_block": 8, "levels": 8, "channels": 2048, "in_out_channels": 512, "sample_size": 4096,
                  "patch_size": 4096, "scale_factor": 100, "variables": 64, "num_train_timesteps": 100_000}
+MAX_CONFIG_BYTES = 1 << 20  # a real model_index.json or config.json is a few kB; a 200 MB one is an attack
 REQUIRED_CONFIG = ("variables", "units", "transforms", "norm_mean", "norm_std", "residual_std", "static_channels",
                    "static_mean", "static_std", "scale_factor", "patch_size")
 
@@ -107,6 +108,9 @@ def check_untrusted_config(pipeline_cls, path, kwargs) -> None:
     from diffusers import DDPMScheduler, UNet2DModel
 
     hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+    for sub, name in (("", "model_index.json"), ("unet", "config.json"), ("regression_unet", "config.json"),
+                      ("scheduler", "scheduler_config.json")):
+        check_config_size(_config_file(path, sub, name, hub))
     index = pipeline_cls.load_config(path, **hub)
     missing = [k for k in REQUIRED_CONFIG if k not in index]
     if missing:
@@ -132,15 +136,59 @@ def check_untrusted_config(pipeline_cls, path, kwargs) -> None:
         raise ValueError(f"Refusing {path}: its configs ask for sizes no downscaling model needs: {'; '.join(problems)}.")
 
 
+def _config_file(path, subfolder: str, name: str, hub: dict) -> str | None:
+    """The local file of one config of a folder or Hub id (``None`` when the model has no such file)."""
+    if os.path.isdir(str(path)):
+        local = os.path.join(str(path), subfolder, name)
+        return local if os.path.isfile(local) else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(str(path), name, subfolder=subfolder or None,
+                               **{k: v for k, v in hub.items() if k != "local_files_only"})
+    except Exception:  # not there (or offline): diffusers' own loader reports it
+        return None
+
+
+def check_config_size(file) -> None:
+    """Refuse a config file larger than :data:`MAX_CONFIG_BYTES` before parsing it."""
+    if file is not None and os.path.getsize(file) > MAX_CONFIG_BYTES:
+        raise ValueError(f"Refusing {file}: {os.path.getsize(file) / 2**20:.0f} MB is not a model config (limit "
+                         f"{MAX_CONFIG_BYTES // 2**20} MB).")
+
+
+def check_unet_folder(folder, name: str = "unet") -> None:
+    """Refuse a UNet folder (a training checkpoint's ``unet``/``unet_ema``) whose config is oversized, out of bounds
+    or malformed, before diffusers builds the network."""
+    file = os.path.join(str(folder), "config.json")
+    check_config_size(file if os.path.isfile(file) else None)
+    if os.path.isfile(file):
+        with open(file, encoding="utf-8") as f:
+            config = json.load(f)
+        problems = unet_config_problems(config, name) if isinstance(config, dict) else [f"{name} config is not a mapping"]
+        if problems:
+            raise ValueError(f"Refusing {folder}: its config asks for sizes no downscaling model needs: "
+                             f"{'; '.join(problems)}.")
+
+
 def unet_config_problems(c: dict, name: str = "unet") -> list[str]:
-    """What in a UNet config exceeds :data:`CONFIG_LIMITS` (empty when it is within bounds)."""
+    """What in a UNet config exceeds :data:`CONFIG_LIMITS` or is malformed (empty when it is within bounds)."""
     lim, problems = CONFIG_LIMITS, []
     chans = c.get("block_out_channels", [])
     if not isinstance(c.get("layers_per_block"), int) or not 0 < c["layers_per_block"] <= lim["layers_per_block"]:
         problems.append(f"{name}.layers_per_block {c.get('layers_per_block')!r} (limit {lim['layers_per_block']})")
-    if not 0 < len(chans) <= lim["levels"] or not all(isinstance(x, int) and 0 < x <= lim["channels"] for x in chans):
-        problems.append(f"{name}.block_out_channels {str(chans)[:80]} (limit {lim['levels']} levels of "
-                        f"{lim['channels']})")
+    if (not isinstance(chans, (list, tuple)) or not 0 < len(chans) <= lim["levels"]
+            or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= lim["channels"] for x in chans)):
+        problems.append(f"{name}.block_out_channels {str(chans)[:80]} (a list of up to {lim['levels']} levels of up "
+                        f"to {lim['channels']} channels)")
+        chans = []
+    groups = c.get("norm_num_groups", 32)
+    if groups is not None and (not isinstance(groups, int) or groups < 1 or any(x % groups for x in chans)):
+        problems.append(f"{name}.norm_num_groups {groups!r} (a positive integer dividing every block's channels)")
+    for key in ("down_block_types", "up_block_types"):
+        types = c.get(key)
+        if types is not None and (not isinstance(types, (list, tuple)) or (chans and len(types) != len(chans))):
+            problems.append(f"{name}.{key} {str(types)[:80]} (one per level of block_out_channels)")
     for key, limit in (("in_channels", lim["in_out_channels"]), ("out_channels", lim["in_out_channels"]),
                        ("sample_size", lim["sample_size"])):
         value = c.get(key)
@@ -171,6 +219,11 @@ class DownscalingHubMixin:
             raise ValueError("DownscalingPipeline.from_pretrained runs no code from the folder (trust_remote_code and "
                              "custom_pipeline are refused); it needs none.")
         kwargs["use_safetensors"] = True
+        path = str(pretrained_model_name_or_path)
+        looks_local = os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") != 1  # ids: owner/name
+        if looks_local and not os.path.isfile(os.path.join(path, "model_index.json")):
+            raise FileNotFoundError(f"{path} is not a pipeline folder (no model_index.json there) and not a Hub id "
+                                    "(owner/name).")
         check_untrusted_config(cls, pretrained_model_name_or_path, kwargs)
         with own_pipeline_class(cls):
             pipe = super().from_pretrained(pretrained_model_name_or_path, **kwargs)

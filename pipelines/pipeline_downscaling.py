@@ -68,6 +68,9 @@ OBJECTIVES = ("diffusion", "regression")
 # stop the blow-up of the x0 prediction at t ~ T of the cosine schedule (alpha_bar_999 = 2e-9) that
 # makes unclipped 1000-step DDPM diverge, without touching the data (benchmarks/results/samplers.md)
 MIN_CLIP_RANGE = 10.0
+# a two-stage model's residual scale (calibrated values are about 0.5-3): far above any calibration, far below the
+# values that turn members into +-1e30 K
+MAX_STOCHASTIC_STD = 1000.0
 
 
 @dataclass
@@ -233,9 +236,12 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                              f"{config['noise_time_correlation']}.")
         if noise_time_unit is not None and noise_time_unit not in TIME_UNITS:
             raise ValueError(f"noise_time_unit must be one of {TIME_UNITS}, got {noise_time_unit!r}.")
-        if len(config["stochastic_std"]) != v or min(config["stochastic_std"]) <= 0:
-            raise ValueError(
-                f"stochastic_std must hold one positive value per variable {variables}, got {config['stochastic_std']}.")
+        if len(config["stochastic_std"]) != v or not all(0 < x <= MAX_STOCHASTIC_STD for x in config["stochastic_std"]):
+            raise ValueError(f"stochastic_std must hold one value in (0, {MAX_STOCHASTIC_STD:g}] per variable "
+                             f"{variables}, got {config['stochastic_std']}.")
+        for key in ("norm_mean", "norm_std", "residual_std", "static_mean", "static_std", "dry_threshold"):
+            if not np.isfinite(config[key]).all():
+                raise ValueError(f"{key} must be finite, got {config[key]}.")
         self.register_to_config(**config)
 
     @staticmethod
@@ -404,6 +410,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                 import psutil
 
                 free = psutil.virtual_memory().available
+                free = min(free, _address_space_left())  # `ulimit -v` (RLIMIT_AS) caps this process below that
         except Exception:  # no way to tell: do not guess
             return
         if need > free:
@@ -679,10 +686,10 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             out = _with_stats(lat.contiguous())
             return DownscalingPipelineOutput(*out) if return_dict else out
         members = self.processor.apply_dry_threshold(self.decode_latents(latents, canvas, num_members))
+        if canvas.invalid is not None:  # before conserving: a block's mean is then over its valid cells only
+            members = members.masked_fill(torch.from_numpy(canvas.invalid)[None], float("nan"))
         if conserve:
             members = self.processor.conserve(members, prepared)
-        if canvas.invalid is not None:
-            members = members.masked_fill(torch.from_numpy(canvas.invalid)[None], float("nan"))
         self.maybe_free_model_hooks()
         if output_type == "xarray":
             info = {
@@ -702,6 +709,19 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         if not return_dict:
             return out
         return DownscalingPipelineOutput(*out)
+
+
+def _address_space_left() -> float:
+    """Bytes this process may still map under ``RLIMIT_AS`` (infinite without a limit or off POSIX)."""
+    try:
+        import resource
+
+        import psutil
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        return float("inf") if soft == resource.RLIM_INFINITY else max(0.0, soft - psutil.Process().memory_info().vms)
+    except (ImportError, OSError, ValueError):
+        return float("inf")
 
 
 def _with_stats(members: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -80,10 +80,15 @@ def check_checkpoint_readable(path: Path, process_index: int) -> None:
     uninterrupted one. Loaded with ``weights_only=True``: a pickle that carries code is refused here, not executed.
 
     Raises:
-        ValueError: The random-state file of this process is missing, corrupt or unsafe.
+        ValueError: The random-state file of this process is missing, corrupt or unsafe, or a UNet config is out of
+            bounds (a tampered checkpoint would otherwise hang the resume building a huge network).
     """
     from accelerate.utils import load
 
+    from dpdm_diffusers.pipelines.hub_mixin import check_unet_folder
+
+    for name in ("unet", "unet_ema"):  # the bounds every loader of the project applies, before diffusers builds it
+        check_unet_folder(path / name, name)
     rng = path / f"random_states_{process_index}.pkl"
     try:
         load(rng)

@@ -40,6 +40,8 @@ def load_pairs(cfg: TrainingConfig, units: dict | None = None):
         train_rng, val_rng = glosea4_splits(cfg)
         split = {"train": {"time": slice(*train_rng)},
                  "validation": None if val_rng is None else {"time": slice(*val_rng)}}
+        user_data.check_time_selections(bench.high_res["time"], split["train"], split["validation"],
+                                        held_out_box=bool(cfg.validation_lat_box or cfg.validation_lon_box))
         n_fields = {k: 0 if v is None else _num_fields(bench.high_res.sel(**v)) for k, v in split.items()}
         describe = {
             "source": "GloSea4 surface_temperature, 13 members x 6 months (iris-sample-data, Open Government Licence)",
