@@ -250,9 +250,15 @@ def reconstruct(
                        "output_layout": output_layout if _renames(output_layout) else None})
             settings = json.loads(json.dumps(settings, default=str))  # compared with the stored JSON: same types
             output.parent.mkdir(parents=True, exist_ok=True)
-            _open_store(pipe, low_res, store, settings, overwrite, out_names=out_names, grid=grid,
-                        num_members=num_members, chunk_size=chunk_size, members=members, stats=stats,
-                        member_dim=member_dim, model_id=model_id, seed=seed, num_inference_steps=num_inference_steps)
+            try:
+                _open_store(pipe, low_res, store, settings, overwrite, out_names=out_names, grid=grid,
+                            num_members=num_members, chunk_size=chunk_size, members=members, stats=stats,
+                            member_dim=member_dim, model_id=model_id, seed=seed,
+                            num_inference_steps=num_inference_steps)
+            except OSError as err:
+                if not is_write_error(err):
+                    raise
+                raise explain_store_error(err, store, 0, 0, len(chunks)) from err
             # 1. Chunks marked done whose data does not read back whole are recomputed
             whole = whole_chunks(store, _stored_names(out_names, members, stats), chunks)
             if whole:

@@ -233,6 +233,31 @@ def test_a_shared_checkpoint_cannot_run_code_on_resume(high_res_file, tmp_path):
     with pytest.raises(ValueError, match="unreadable or unsafe random_states_0.pkl"):
         main(args(high_res_file, part, "--validation_time=", "--resume_from_checkpoint", str(ckpt)))
     assert not marker.exists()  # refused by weights_only loading, not executed
+    # a tampered UNet config would hang the resume building a network of 100000 layers per block: refused first
+    config = ckpt / "unet" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "layers_per_block": 100000}))
+    with pytest.raises(ValueError, match=r"Cannot resume.*layers_per_block 100000"):
+        main(args(high_res_file, part, "--validation_time=", "--resume_from_checkpoint", str(ckpt)))
+
+
+def test_empty_reversed_or_overlapping_time_selections_are_refused_before_training(high_res_file, tmp_path):
+    cases = (("--train_time", "1700,1750", "selects no time step: the data runs from 2001-01-01"),
+             ("--train_time", "2001-06,2001-01", "is reversed"),
+             ("--validation_time", "1999-01,1999-02", "--validation-time 1999-01,1999-02 selects no time step"),
+             ("--validation_time", "2001-05,2001-08", "share 2 time step"))
+    for option, value, message in cases:
+        with pytest.raises(ValueError, match=message):
+            main(args(high_res_file, tmp_path / "run", option, value))
+        assert not list((tmp_path / "run").glob("checkpoint-*"))  # refused before any step
+
+
+def test_without_a_training_range_training_leaves_out_the_validation_range(high_res_file):
+    from dpdm_diffusers.user_data import load_region
+
+    region = load_region(str(high_res_file), scale_factor=4, variables=["tas"], validation_time=["2001-07", "2001-08"])
+    trained = region.pairs.high_res.sel(**region.train).time.values
+    assert len(trained) == 6 and trained.max() < np.datetime64("2001-07-01")
+    assert region.describe["train"] == "all but validation"
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(high_res_file, tmp_path, caplog):
