@@ -59,12 +59,20 @@ def model_fingerprint(pipe) -> str:
     h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name in ("unet", "regression_unet"):
         unet = getattr(pipe, name, None)
-        if unet is None:
-            continue
-        unet = getattr(unet, "_orig_mod", unet)  # torch.compile wraps the module; the weights are the same
-        for key, value in sorted(unet.state_dict().items()):
-            h.update(f"{name}.{key}:{tuple(value.shape)}:{value.dtype}".encode())
-            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        if unet is not None:
+            h.update(f"{name}:{module_digest(unet)}".encode())
+    return h.hexdigest()
+
+
+def module_digest(module) -> str:
+    """A hash of the names, shapes, dtypes and bytes of a module's tensors."""
+    import torch
+
+    module = getattr(module, "_orig_mod", module)  # torch.compile wraps the module; the weights are the same
+    h = hashlib.blake2b(digest_size=16)
+    for key, value in sorted(module.state_dict().items()):
+        h.update(f"{key}:{tuple(value.shape)}:{value.dtype}".encode())
+        h.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return h.hexdigest()
 
 

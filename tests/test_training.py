@@ -190,17 +190,20 @@ def test_sigkill_mid_run_then_resume_reaches_the_final_step(high_res_file, tmp_p
 
 
 @pytest.mark.heavy
-def test_two_cpu_processes_see_different_data_and_save_one_model(high_res_file, tmp_path):
+def test_two_cpu_processes_train_one_model_distributed(high_res_file, tmp_path):
+    # the README's torchrun line as written (no ACCELERATE_USE_CPU): two ranks join one gloo group
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
            "-m", "dpdm_diffusers.training.train_dpdm", *args(high_res_file, out, "--validation_time=")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"}
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((out / "training_summary.json").read_text())
-    assert summary["num_processes"] == 2
+    assert summary["num_processes"] == 2 and summary["distributed_type"] == "MULTI_CPU"
     crops = summary["first_crops_per_process"]
-    assert len(crops) == 2 and crops[0] != crops[1]
+    assert len(crops) == 2 and crops[0] != crops[1]  # the batches are shared out: each process its own crops
+    weights = summary["weights_per_process"]  # different data, the same weights: gradients were synchronised
+    assert len(weights) == 2 and weights[0] == weights[1]
     assert DownscalingPipeline.from_pretrained(out).config.variables == ["tas"]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -71,6 +72,9 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
     output_dir = Path(cfg.output_dir)
     log_with = tracker(cfg.report_to)
     accelerator = Accelerator(
+        # torchrun/accelerate launch on a machine without a GPU: join the gloo process group (MULTI_CPU) instead of
+        # each rank training alone
+        cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         mixed_precision=cfg.mixed_precision,
         log_with=log_with,
@@ -222,6 +226,12 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
 
     # 5. Save the final pipeline (EMA weights) with its model card; stopped early: a checkpoint to resume from
     accelerator.wait_for_everyone()
+    from accelerate.utils import gather_object
+
+    from dpdm_diffusers.run_store import module_digest
+
+    # every process's weights: identical when gradients were synchronised (recorded, and tested)
+    weights_per_process = gather_object([module_digest(accelerator.unwrap_model(unet))])
     if global_step < cfg.max_train_steps:
         if not (cfg.checkpointing_steps and global_step % cfg.checkpointing_steps == 0):
             save_checkpoint(accelerator, output_dir, global_step, cfg.checkpoints_total_limit)
@@ -258,12 +268,14 @@ def train(cfg: TrainingConfig, base_kind: str | None = None) -> Path:
         (output_dir / "training_summary.json").write_text(json.dumps(
             {"global_step": global_step, "train_samples_per_s": samples_per_s,
              "steady_train_samples_per_s": steady_samples_per_s, "wall_time_s": time.time() - t_start,
-             "num_processes": accelerator.num_processes, "first_crops_per_process": first_crops,
+             "num_processes": accelerator.num_processes, "distributed_type": accelerator.distributed_type.value,
+             "weights_per_process": weights_per_process, "first_crops_per_process": first_crops,
              "stochastic_std": stochastic_std, "noise_time_persistence": persistence,
              "spread_calibration": {k: v for k, v in calibration.items() if k != "curve"} if calibration else None,
              **last_val, "history": history}, indent=2))
         if cfg.push_to_hub:
             pipe.push_to_hub(cfg.hub_model_id)
+    accelerator.wait_for_everyone()  # the ranks leave the process group together (gloo could hang otherwise)
     accelerator.end_training()
     return output_dir
 
