@@ -236,7 +236,8 @@ class DownscalingHubMixin:
             try:
                 from huggingface_hub import hf_hub_download
 
-                with open(hf_hub_download(path, "README.md", revision=kwargs.get("revision")), encoding="utf-8") as f:
+                card = hf_hub_download(path, "README.md", revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"))
+                with open(card, encoding="utf-8") as f:
                     pipe.model_card = f.read()
             except Exception:  # offline or no card: a fresh one is rendered on save
                 pipe.model_card = None
@@ -269,18 +270,33 @@ class DownscalingHubMixin:
         model_card: str | None = None,
         safe_serialization: bool = True,
         variant: str | None = None,
+        subfolder: str | None = None,
+        local_cache: bool | str | os.PathLike = False,
     ):
         """Save the pipeline (safetensors) with its model card and upload it to the Hub as ``repo_id``.
 
         ``model_card`` replaces the card's Markdown; by default the pipeline's own card is used (the loaded or
-        trained one, or one rendered from the config). The id is recorded in the config (``hub_id``), so
-        models fine-tuned from this one name it as their base.
+        trained one, or one rendered from the config), its loading lines naming ``repo_id``. The id is recorded in the
+        config (``hub_id``), so models fine-tuned from this one name it as their base. ``subfolder`` uploads into that
+        folder of the repository, as diffusers' ``push_to_hub`` does.
+
+        ``local_cache``: try sharing offline. Nothing is uploaded: the repository is written into the Hugging Face
+        cache (``True``: huggingface_hub's default, ``HF_HUB_CACHE``; or the given folder) exactly as a download
+        would leave it, so ``DownscalingPipeline.from_pretrained(repo_id)`` (with ``cache_dir`` for a given folder)
+        then loads it through huggingface_hub, offline. Returns the snapshot folder.
         """
         import tempfile
 
-        from huggingface_hub import create_repo, upload_folder
+        from huggingface_hub.constants import HF_HUB_OFFLINE
 
-        repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        if not local_cache and HF_HUB_OFFLINE:
+            raise RuntimeError("HF_HUB_OFFLINE is set, so nothing can be uploaded. To try sharing offline, "
+                               f"push_to_hub({repo_id!r}, local_cache=True) writes the repository into the Hugging "
+                               "Face cache, from which from_pretrained(repo_id) loads it.")
+        if not local_cache:
+            from huggingface_hub import create_repo
+
+            repo_id = create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
         self.register_to_config(hub_id=repo_id)
         if model_card is not None:
             self.model_card = model_card
@@ -288,8 +304,12 @@ class DownscalingHubMixin:
             self.save_pretrained(tmp, safe_serialization=safe_serialization, variant=variant)
             with open(f"{tmp}/README.md", "w", encoding="utf-8") as f:
                 f.write(self._card(repo_id))
+            if local_cache:
+                return write_to_hub_cache(tmp, repo_id, None if local_cache is True else local_cache, subfolder)
+            from huggingface_hub import upload_folder
+
             return upload_folder(
-                repo_id=repo_id, folder_path=tmp, token=token, create_pr=create_pr,
+                repo_id=repo_id, folder_path=tmp, path_in_repo=subfolder, token=token, create_pr=create_pr,
                 commit_message=commit_message or f"Upload {type(self).__name__}",
             )
 
@@ -301,6 +321,42 @@ class DownscalingHubMixin:
         card = self.model_card or (_read_card(folder) if folder and os.path.isdir(folder) else None)
         card = card or render_model_card(dict(self.config), repo_id=repo_id, pipe=self)
         return card.replace(f'from_pretrained("{PLACEHOLDER_ID}")', f'from_pretrained("{repo_id}")') if repo_id else card
+
+
+def write_to_hub_cache(folder, repo_id: str, cache_dir=None, subfolder: str | None = None) -> str:
+    """Write ``folder`` into the Hugging Face cache as the snapshot of model repository ``repo_id`` (the layout
+    huggingface_hub documents: ``models--owner--name/{refs/main, snapshots/<commit>/...}``), so huggingface_hub and
+    diffusers resolve ``repo_id`` from it offline. The commit is a hash of the files; an earlier snapshot's files are
+    kept beside the new ones, as a pull would keep them. Returns the snapshot folder."""
+    import hashlib
+    import shutil
+
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise ValueError(f"A Hub id is owner/name, got {repo_id!r}.")
+    repo = os.path.join(str(cache_dir or HF_HUB_CACHE), "models--" + repo_id.replace("/", "--"))
+    h = hashlib.sha1()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, folder).encode())
+            with open(path, "rb") as f:
+                h.update(f.read())
+    commit = h.hexdigest()
+    snapshot = os.path.join(repo, "snapshots", commit)
+    ref = os.path.join(repo, "refs", "main")
+    previous = None
+    if os.path.isfile(ref):
+        with open(ref, encoding="utf-8") as f:
+            previous = os.path.join(repo, "snapshots", f.read().strip())
+    if previous and os.path.isdir(previous) and previous != snapshot:
+        shutil.copytree(previous, snapshot, dirs_exist_ok=True)  # the rest of the repository stays
+    shutil.copytree(folder, os.path.join(snapshot, subfolder) if subfolder else snapshot, dirs_exist_ok=True)
+    os.makedirs(os.path.dirname(ref), exist_ok=True)
+    with open(ref, "w", encoding="utf-8") as f:
+        f.write(commit)
+    return snapshot
 
 
 def _read_card(folder: str) -> str | None:

@@ -18,6 +18,7 @@ field_processor.FieldProcessor`'s job, and loading/saving/sharing with its safet
 from __future__ import annotations
 
 import inspect
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -71,6 +72,12 @@ MIN_CLIP_RANGE = 10.0
 # a two-stage model's residual scale (calibrated values are about 0.5-3): far above any calibration, far below the
 # values that turn members into +-1e30 K
 MAX_STOCHASTIC_STD = 1000.0
+# UNet -> the pipeline it was last registered with, for `DownscalingPipeline(**pipe.components)`
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# the config entries of __init__ (everything but the modules)
+_STATISTICS = ("variables", "units", "transforms", "norm_mean", "norm_std", "residual_std", "static_channels",
+               "static_mean", "static_std", "scale_factor", "patch_size", "prediction", "interpolation", "objective",
+               "stochastic_std", "hub_id", "dry_threshold", "noise_time_correlation", "noise_time_unit")
 
 
 @dataclass
@@ -159,6 +166,11 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         return getattr(self, "_interrupt", False)
 
     @property
+    def normalizer(self) -> Normalizer:
+        """Model-space scaling, built from the current config (so ``register_to_config`` applies, as for the processor)."""
+        return Normalizer.from_config(self.config)
+
+    @property
     def processor(self) -> FieldProcessor:
         """The pre/post-processing component, built from the current config (so ``register_to_config`` applies)."""
         return FieldProcessor.from_config(self.config)
@@ -188,6 +200,15 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
         noise_time_correlation: float = 0.0,
         noise_time_unit: str | None = None,
     ):
+        owner = _OWNERS.get(unet, lambda: None)() if unet is not None else None
+        if variables is None and owner is not None:
+            # `DownscalingPipeline(**pipe.components)`: the statistics come from the pipeline the UNet belongs to
+            # (diffusers' components are modules only); arguments given explicitly still win
+            given = {k: v for k, v in locals().items() if k in _STATISTICS}
+            defaults = {k: p.default for k, p in inspect.signature(DownscalingPipeline.__init__).parameters.items()}
+            merged = {k: (owner.config[k] if given[k] == defaults[k] else given[k]) for k in _STATISTICS}
+            self.__init__(unet, scheduler, regression_unet=regression_unet, **merged)
+            return
         super().__init__()
         self.model_card: str | None = None  # README.md of the folder it was loaded from / training; kept on save
         self.autocast_dtype: torch.dtype | None = None  # bf16/fp16 UNet arithmetic (dpdm_diffusers.speed)
@@ -222,7 +243,7 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             noise_time_correlation=float(noise_time_correlation),
             noise_time_unit=noise_time_unit,
         )
-        self.normalizer = Normalizer.from_config(config)  # validates lengths, transforms, prediction
+        Normalizer.from_config(config)  # validates lengths, transforms, prediction
         self._check_components(unet, config)
         if regression_unet is not None:
             self._check_components(regression_unet, config, name="regression_unet")
@@ -243,6 +264,9 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
             if not np.isfinite(config[key]).all():
                 raise ValueError(f"{key} must be finite, got {config[key]}.")
         self.register_to_config(**config)
+        for module in (unet, regression_unet):
+            if module is not None:  # weak links only (no cycle, nothing added to the module): see the top of __init__
+                _OWNERS[module] = weakref.ref(self)
 
     @staticmethod
     def _check_components(unet, config, name: str = "unet"):

@@ -134,11 +134,16 @@ def test_to_device_and_components_function():
     pipe = make_pipeline().to("cpu")
     assert pipe.device.type == "cpu" and pipe.unet.device.type == "cpu"
     assert set(pipe.components) == {"unet", "scheduler", "regression_unet"}
-    # components rebuild the same pipeline (with the config's statistics)
-    config = {k: v for k, v in pipe.config.items() if not k.startswith("_") and k not in pipe.components}
-    again = DownscalingPipeline(**pipe.components, **config)
+    # components rebuild the same pipeline, as diffusers documents it: the statistics come with the UNet's pipeline
+    pipe.register_to_config(residual_std=[0.3])  # a later change (e.g. calibration) is what is rebuilt
+    again = DownscalingPipeline(**pipe.components)
     again.set_progress_bar_config(disable=True)
+    assert again.config.residual_std == [0.3] and again.config.variables == pipe.config.variables
     assert max_diff(again(**get_dummy_inputs()).members, pipe(**get_dummy_inputs()).members) == 0
+    assert DownscalingPipeline(**pipe.components, norm_mean=[290.0]).config.norm_mean == [290.0]  # explicit wins
+    import pickle
+
+    assert pickle.loads(pickle.dumps(pipe.unet)) is not None  # nothing unpicklable was attached to the module
 
 
 def test_from_pipe_shares_components_and_gives_the_same_output():

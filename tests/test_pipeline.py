@@ -112,7 +112,6 @@ def test_multi_variable_model_with_log1p_precipitation():
     lr["pr"] = (lr["pr"] - 278).clip(0, None).assign_attrs(units="mm/day")  # 0..~10 mm/day with dry cells
     st = make_static(Grid.from_xarray(lr).refine(4))
     pipe.register_to_config(norm_mean=[280.0, 1.0], norm_std=[10.0, 1.0])
-    pipe.normalizer.mean, pipe.normalizer.std = [280.0, 1.0], [10.0, 1.0]
     out = run(pipe, lr, st, num_members=2)
     assert set(out.members.data_vars) == {"tas", "pr"}
     assert float(out.members.pr.min()) >= 0.0  # inverse log1p is clipped to non-negative
@@ -363,13 +362,14 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_card(pipe, low_res, static
         seen["created"] = repo_id
         return Repo(repo_id)
 
-    def fake_upload_folder(repo_id, folder_path, **kwargs):
-        shutil.copytree(folder_path, hub / repo_id)
+    def fake_upload_folder(repo_id, folder_path, path_in_repo=None, **kwargs):
+        shutil.copytree(folder_path, hub / repo_id / (path_in_repo or ""), dirs_exist_ok=True)
         seen["uploaded"] = repo_id
         return "https://huggingface.co/" + repo_id
 
     monkeypatch.setattr(huggingface_hub, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", fake_upload_folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline
     url = pipe.push_to_hub("team/dpdm-test")
     assert seen == {"created": "team/dpdm-test", "uploaded": "team/dpdm-test"} and url.endswith("team/dpdm-test")
     card = (hub / "team/dpdm-test" / "README.md").read_text()
@@ -377,6 +377,26 @@ def test_push_to_hub_uploads_a_loadable_folder_with_a_card(pipe, low_res, static
     loaded = DownscalingPipeline.from_pretrained(hub / "team/dpdm-test")
     loaded.set_progress_bar_config(disable=True)
     np.testing.assert_array_equal(run(loaded, low_res, static).members.tas.values, run(pipe, low_res, static).members.tas.values)
+    pipe.push_to_hub("team/dpdm-test", subfolder="v2")  # diffusers' subfolder: into that folder of the repository
+    assert (hub / "team/dpdm-test" / "v2" / "model_index.json").is_file()
+
+
+def test_sharing_can_be_tried_offline_through_the_hugging_face_cache(pipe, low_res, static, tmp_path):
+    """No monkeypatching: push_to_hub(local_cache=...) writes the repository as a download leaves it, and
+    huggingface_hub resolves the id from there with HF_HUB_OFFLINE=1 (set by conftest)."""
+    with pytest.raises(RuntimeError, match="local_cache=True"):  # offline, a real upload is refused clearly
+        pipe.push_to_hub("me/dpdm-offline")
+    cache = tmp_path / "cache"
+    snapshot = pipe.push_to_hub("me/dpdm-offline", local_cache=cache)
+    assert (cache / "models--me--dpdm-offline" / "refs" / "main").is_file() and "snapshots" in str(snapshot)
+    loaded = DownscalingPipeline.from_pretrained("me/dpdm-offline", cache_dir=cache)
+    loaded.set_progress_bar_config(disable=True)
+    assert loaded.config.hub_id == "me/dpdm-offline"
+    assert 'from_pretrained("me/dpdm-offline")' in loaded.model_card  # the card names the real id
+    np.testing.assert_array_equal(run(loaded, low_res, static).members.tas.values, run(pipe, low_res, static).members.tas.values)
+    pipe.push_to_hub("me/dpdm-offline", local_cache=cache, subfolder="v2")
+    again = DownscalingPipeline.from_pretrained("me/dpdm-offline", cache_dir=cache)  # the root is still there
+    assert again.config.hub_id == "me/dpdm-offline"
 
 
 # --- bad input -------------------------------------------------------------------------------------
@@ -680,7 +700,6 @@ def test_conserve_needs_the_refined_grid_and_is_multiplicative_for_log1p(low_res
         run(pipe, low_res, make_static(shifted), target_grid=shifted, conserve=True)
     rain = make_pipeline(variables=("pr",), units=["mm/day"], transforms=["log1p"])
     rain.register_to_config(norm_mean=[1.0], norm_std=[1.0])
-    rain.normalizer = type(rain.normalizer).from_config(dict(rain.config))
     low = make_low_res(variables=("pr",), units=["mm/day"])
     low["pr"] = np.abs(low["pr"] - 280.0).assign_attrs(units="mm/day")
     out = rain(low, static_fields=static, num_inference_steps=2, num_members=2, conserve=True,

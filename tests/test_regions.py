@@ -257,6 +257,7 @@ def test_save_pretrained_keeps_the_card_and_push_to_hub_uploads_it(tmp_path, mon
 
     monkeypatch.setattr(huggingface_hub, "create_repo", create_repo)
     monkeypatch.setattr(huggingface_hub, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the tests run offline
     base_dir = two_stage_base(tmp_path / "base")
     pipe = DownscalingPipeline.from_pretrained(base_dir)
     pipe.model_card = pipe.model_card.replace("# DPDM downscaling model", "# My regional model")
