@@ -28,7 +28,10 @@ def output_attrs(input_attrs: Mapping, *, scale_factor: int, info: Mapping | Non
     if "nominal_resolution" in attrs:  # the coarse grid's: kept under a name that says so
         attrs["input_nominal_resolution"] = attrs.pop("nominal_resolution")
     source = str(input_attrs.get("source", "")).strip()
+    title = str(attrs.get("title", "")).strip()
     attrs.update(
+        title=f"{title} downscaled x{scale_factor} (dpdm-diffusers ensemble)" if title else
+        f"Ensemble downscaled x{scale_factor} by dpdm-diffusers",
         Conventions="CF-1.8",
         source=SOURCE + (f"; input: {source}" if source and not source.startswith(SOURCE) else ""),
         history=f"{attrs.get('history', '')}\n{stamp}".strip(),
@@ -48,12 +51,16 @@ def without_grid_attrs(attrs: Mapping) -> dict:
 
 
 def clean_cf(ds):
-    """A Dataset made CF-consistent for writing: coarse-grid GRIB attributes dropped from every variable, and
+    """A Dataset made CF-consistent for writing: coarse-grid GRIB attributes dropped from every variable;
     ``bounds`` attributes that point at variables the Dataset does not hold removed (the input's lat/lon bounds
-    describe the coarse cells; time bounds are kept when their variable is carried along)."""
+    describe the coarse cells; time bounds are kept when their variable is carried along); ``cell_measures`` (the
+    coarse cells' areas) and GRIB decoding's placeholder ``standard_name: unknown`` dropped."""
     for name in list(ds.variables):
         attrs = without_grid_attrs(ds[name].attrs)
         if "bounds" in attrs and attrs["bounds"] not in ds.variables:
             del attrs["bounds"]
+        attrs.pop("cell_measures", None)
+        if str(attrs.get("standard_name", "")).strip().lower() == "unknown":
+            del attrs["standard_name"]
         ds[name].attrs = attrs
     return ds

@@ -27,11 +27,21 @@ def output_format(path: str | os.PathLike) -> str:
 
 def netcdf_encoding(ds: xr.Dataset, *, chunked: bool = False) -> dict:
     """The netCDF encoding of every writer: floating-point variables as zlib-compressed float32 (ensembles are
-    large; zlib is in every netCDF4 build); other variables keep xarray's defaults.
+    large; zlib is in every netCDF4 build); coordinates without ``_FillValue``, times as float64 and 64-bit integer
+    coordinates as int32 (CF-1.8 data types); other variables keep xarray's defaults.
 
     ``chunked=True`` also keeps each variable's storage chunks (``encoding["chunks"]``, e.g. of a zarr store being
     streamed to netCDF), clipped to its shape, as netCDF chunk sizes."""
     out = {}
+    for name in ds.coords:  # CF: no _FillValue on coordinates, no 64-bit integers (not a netCDF classic type)
+        c = ds[name]
+        enc: dict = {"_FillValue": None}
+        if c.dtype.kind in "Mm" or (c.dtype == object and c.size and hasattr(c.values.flat[0], "calendar")):
+            enc["dtype"] = "float64"  # times: xarray would pick int64
+        elif c.dtype.kind in "iu" and c.dtype.itemsize == 8:
+            if c.size == 0 or (np.iinfo(np.int32).min <= int(c.min()) and int(c.max()) <= np.iinfo(np.int32).max):
+                enc["dtype"] = "int32"
+        out[name] = enc
     for v in ds.data_vars:
         if not np.issubdtype(ds[v].dtype, np.floating):
             continue
