@@ -191,6 +191,10 @@ class FieldProcessor:
         empty = [d for d in batch_dims if ds.sizes[d] == 0]
         if empty:
             raise ValueError(f"The input's {empty} dimension is empty: nothing to downscale.")
+        if member_dim in ds.coords and member_dim not in ds.dims:
+            # a scalar label (e.g. `.isel(member=0)` of an ensemble) would clash with the output's member dimension:
+            # kept under another name
+            ds = ds.rename({member_dim: f"input_{member_dim}"})
         if member_dim in batch_dims:
             raise ValueError(
                 f"The input already has a {member_dim!r} dimension; rename it (e.g. "

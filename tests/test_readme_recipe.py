@@ -47,3 +47,11 @@ def test_readme_region_recipe_runs_end_to_end(tmp_path):
     assert out.air_temperature.dims == ("member", "time", "lat", "lon") and out.air_temperature.shape == (2, 4, 36, 48)
     assert np.isfinite(out.air_temperature.values).all() and 250 < float(out.air_temperature_mean.mean()) < 310
     assert "wrote stochastic_std" in res.stdout
+    # then "share it", the README's next block, as written: offline, through the Hugging Face cache
+    text = (ROOT / "README.md").read_text()
+    share = re.search(r"Then share it.*?```python\n(.*?)```", text, re.S).group(1)
+    res = subprocess.run([sys.executable, "-c", share], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**env, "HF_HUB_CACHE": str(tmp_path / "hf-cache")})
+    assert res.returncode == 0, res.stderr[-3000:]
+    snapshot = next((tmp_path / "hf-cache" / "models--you--dpdm-gulf-coast" / "snapshots").iterdir())
+    assert 'from_pretrained("you/dpdm-gulf-coast")' in (snapshot / "README.md").read_text()

@@ -197,6 +197,16 @@ def describe_errors(err: ValidationError) -> str:
     return "; ".join(f"--{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors())
 
 
+def build_parser(description: str | None = None) -> argparse.ArgumentParser:
+    """The training script's parser: ``--config`` and one ``--<field>`` per :class:`TrainingConfig` field."""
+    parser = argparse.ArgumentParser(description=description or __doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=str, default=None, help="YAML file with any of the options below.")
+    for f in dataclasses.fields(TrainingConfig):
+        parser.add_argument(f"--{f.name}", type=str, default=None, help=f"{f.type} (default from config/{f.name})")
+    return parser
+
+
 def parse_args(argv=None, description: str | None = None) -> TrainingConfig:
     """Read a YAML config first, then command-line overrides for any field.
 
@@ -207,12 +217,8 @@ def parse_args(argv=None, description: str | None = None) -> TrainingConfig:
     Returns:
         The validated config. Wrong options end the program with argparse's usage message (exit status 2).
     """
-    parser = argparse.ArgumentParser(description=description or __doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=str, default=None, help="YAML file with any of the options below.")
+    parser = build_parser(description)
     fields = {f.name: f for f in dataclasses.fields(TrainingConfig)}
-    for name, f in fields.items():
-        parser.add_argument(f"--{name}", type=str, default=None, help=f"{f.type} (default from config/{name})")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
