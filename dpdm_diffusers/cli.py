@@ -254,6 +254,8 @@ def calibrate(
     max_samples: int = typer.Option(16, min=1, help="Validation fields used."),
     members: int = typer.Option(8, min=2, help="Ensemble size of the calibration run."),
     steps: int = typer.Option(10, min=1, help="Denoising steps (calibrate for the step count you sample with)."),
+    scheduler: str | None = typer.Option(None, help="Sampler to calibrate for (ddpm | ddim | dpmsolver++ | unipc | "
+                                         "euler; default: the model's saved one): the spread depends on it."),
     target: str = typer.Option("ssr", help="ssr: spread-skill 1 on the validation data (robust to a warmer test climate); "
                                "crps: lowest fair CRPS (narrower)."),
     seed: int = typer.Option(0),
@@ -266,6 +268,7 @@ def calibrate(
     try:
         res = calibrate_model(
             model, high_res or None, num_members=members, num_inference_steps=steps, target=target, seed=seed,
+            scheduler=scheduler,
             write=write, benchmark=benchmark, validation_time=_pair(validation_time, "--validation-time"),
             variable_map=parse_mapping(variable), lat_box=_pair(lat_box, "--lat-box"),
             lon_box=_pair(lon_box, "--lon-box"), low_res=low_res, max_samples=max_samples, units=parse_mapping(unit),

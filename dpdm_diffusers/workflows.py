@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,9 +180,28 @@ def calibration_data(pipe, high_res: Sequence[str] | None = None, *, benchmark: 
     return validation_inputs(region, max_samples)
 
 
+def _trained_on_validation_month(model) -> bool:
+    """Whether a local model's training range (its ``training_config.yaml``) covers the benchmark's validation month."""
+    import pandas as pd
+    import yaml
+
+    from dpdm_diffusers import glosea4
+
+    path = Path(model) / "training_config.yaml"
+    if not path.is_file():
+        return False
+    train = (yaml.safe_load(path.read_text()) or {}).get("train_time") or []
+    if len(train) != 2:
+        return False
+    start = pd.Timestamp(glosea4.SPLITS["validation"][0]).to_period("M")
+    end = pd.Timestamp(glosea4.SPLITS["validation"][1]).to_period("M")
+    lo, hi = (pd.Timestamp(str(t)).to_period("M") for t in train)
+    return lo <= end and hi >= start
+
+
 def calibrate_model(model: str = str(DEFAULT_MODEL), high_res: Sequence[str] | None = None, *, num_members: int = 8,
                     num_inference_steps: int = 10, target: str = "ssr", seed: int = 0, write: bool = False,
-                    **data_options) -> dict:
+                    scheduler: str | None = None, **data_options) -> dict:
     """``dpdm calibrate``: the factor on a two-stage model's ``stochastic_std`` that gives spread-skill 1 (``ssr``)
     or the lowest fair CRPS (``crps``) on validation data (:func:`calibration_data` takes ``data_options``).
     With ``write``, the calibrated ``stochastic_std`` is stored in the folder's ``model_index.json`` (returned as
@@ -193,9 +213,17 @@ def calibrate_model(model: str = str(DEFAULT_MODEL), high_res: Sequence[str] | N
         raise ValueError(f"Unknown calibration target {target!r}; use one of {TARGETS}.")
     if not Path(model).exists() and write:
         raise FileNotFoundError(f"{model} is not a local pipeline folder; --write needs one.")
+    from dpdm_diffusers.evaluation import set_scheduler
+
     pipe = DownscalingPipeline.from_pretrained(model)
+    if scheduler is not None:  # the spread depends on the sampler: calibrate for the one you sample with
+        set_scheduler(pipe, scheduler)
     pipe.set_progress_bar_config(disable=True)
     low, truth, static = calibration_data(pipe, high_res, **data_options)
+    if not high_res and _trained_on_validation_month(model):
+        warnings.warn(f"{model} was trained on the benchmark's validation month (its training_config.yaml), so this "
+                      "calibration is in-sample: the spread will look right on data the model has seen. Calibrate on "
+                      "held-out files of yours instead.", stacklevel=2)
     res = calibrate_spread(pipe, low, truth, static_fields=static, num_members=num_members,
                            num_inference_steps=num_inference_steps, seed=seed, target=target)
     if write:

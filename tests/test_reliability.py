@@ -409,3 +409,10 @@ def test_dpdm_errors_are_one_line_and_debug_shows_the_traceback(model_dir, tmp_p
     with pytest.raises(SystemExit) as exit_:  # an unknown target is refused before the model samples anything
         main(["calibrate", "--model", str(model_dir), "--target", "spread"])
     assert exit_.value.code == 2 and "Unknown calibration target 'spread'" in capsys.readouterr().err
+
+
+def test_calibrating_the_shipped_model_on_the_benchmark_warns_that_it_is_in_sample():
+    from dpdm_diffusers.workflows import _trained_on_validation_month
+
+    assert _trained_on_validation_month("models/dpdm-glosea4-ts-x4")  # refit on 2011-08..2011-12
+    assert not _trained_on_validation_month("models/dpdm-tigge-5var-x4")
