@@ -141,6 +141,44 @@ pipe = DiffusionPipeline.from_pretrained("{load_id}", trust_remote_code=True)
     ]
     if base_model or base_text:
         parts.append(f"## Base model\n\nFine-tuned from {base_text or f'`{base_model}`'}.")
-    for heading, body in (sections or {}).items():
+    sections = dict(sections or {})
+    sections.setdefault("Uses", uses_text(config))
+    sections.setdefault("Limitations", LIMITATIONS)
+    sections.setdefault("Citation", CITATION)
+    for heading, body in sections.items():
         parts.append(f"## {heading}\n\n{body.strip()}")
     return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def uses_text(config: Mapping) -> str:
+    """The Hub card's "Uses": what the model is for and what it is not for, from its config."""
+    variables = ", ".join(f"{v} ({u})" for v, u in zip(config["variables"], config["units"]))
+    what = ("deterministic downscaling (one field: the conditional mean, smoother than the truth; a baseline and the "
+            "first stage of two-stage models)" if config.get("objective") == "regression" else
+            "probabilistic downscaling (an ensemble of fine fields: the members for uncertainty, extremes and "
+            "spread, the ensemble mean as a best estimate)")
+    return (f"**Direct use**: {what} of {variables} by {config['scale_factor']}x, from coarse fields like the ones "
+            "it was trained on. Regular latitude/longitude grids in any convention; `dpdm downscale` streams long "
+            "records.\n\n"
+            "**Out of scope**: other variables, units or scale factors (refused); inputs far outside the training "
+            "climate (values more than 10 training standard deviations away are refused, but a shifted climate "
+            "inside that range is not detected: check with `dpdm evaluate`); rotated-pole or curvilinear grids "
+            "(regrid first); using one member as if it were the truth.")
+
+
+LIMITATIONS = ("A diffusion model's members are only as good as its training data and region: scores elsewhere are "
+               "not known until measured (`dpdm evaluate` on held-out files). The spread is calibrated for one "
+               "sampler and step count; another sampler or step count changes it (README: samplers). The ensemble "
+               "mean is smoother than any member; do not read its variance as the climate's.")
+
+CITATION = """The method (cite the paper, and this software by its repository):
+
+```bibtex
+@article{ling2024dpdm,
+  title   = {Diffusion model-based probabilistic downscaling for 180-year East Asian climate reconstruction},
+  author  = {Ling, Fenghua and others},
+  journal = {npj Climate and Atmospheric Science},
+  year    = {2024},
+  doi     = {10.1038/s41612-024-00679-1}
+}
+```"""

@@ -557,7 +557,10 @@ class DownscalingPipeline(DownscalingHubMixin, DiffusionPipeline):
                 Seeds the ensemble. With one generator seeded ``s``, member ``k`` of a sample is the same field
                 whatever ``num_members`` (> k), ``tiles_per_call``, tiling, or the other samples in the call: its noise is
                 keyed by the sample's coordinate values (e.g. its time stamp), so a record split into chunks, processes
-                or resumed runs gives the same members. A list gives one generator per member.
+                or resumed runs gives the same members. Arrays and tensors carry no coordinates, so their samples are
+                keyed by position (``#0``, ``#1``...): the same field as an array and as xarray gets different (each
+                reproducible) members; use xarray wherever members must match across calls. Two samples with the
+                same coordinates are refused. A list gives one generator per member.
             eta (`float`, defaults to 0.0): DDIM's eta (ignored by schedulers without it).
             tiles_per_call (`int`, *optional*): tiles (over all members and batch entries) per UNet call, a memory /
                 speed knob that never changes the result; by default 16 on CPU and 256 on a GPU

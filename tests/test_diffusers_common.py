@@ -323,3 +323,22 @@ def test_offload_without_an_accelerator_says_so():
     with pytest.raises(Exception, match="(?i)accelerat|cuda|gpu"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         make_pipeline().enable_model_cpu_offload()
+
+
+def test_model_cards_follow_the_hub_structure():
+    """Every card (rendered, trained, shipped) says what the model is, how to use it, what it is for and not for, its
+    limits and how to cite it, under the Hub's front matter."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cards = {"rendered": make_pipeline()._card("me/tiny"), "model_card.md": (root / "model_card.md").read_text()}
+    for folder in sorted((root / "models").iterdir()):
+        if (folder / "README.md").is_file():
+            cards[folder.name] = (folder / "README.md").read_text()
+    assert len(cards) >= 4
+    for name, card in cards.items():
+        assert card.startswith("---\nlibrary_name: diffusers"), name
+        headings = re.findall(r"^## (\w[\w ]*)", card, re.M)
+        for wanted in ("How to use", "Uses", "Model", "Limitations", "Citation"):
+            assert wanted in headings, (name, wanted, headings)

@@ -414,5 +414,24 @@ def test_dpdm_errors_are_one_line_and_debug_shows_the_traceback(model_dir, tmp_p
 def test_calibrating_the_shipped_model_on_the_benchmark_warns_that_it_is_in_sample():
     from dpdm_diffusers.workflows import _trained_on_validation_month
 
-    assert _trained_on_validation_month("models/dpdm-glosea4-ts-x4")  # refit on 2011-08..2011-12
-    assert not _trained_on_validation_month("models/dpdm-tigge-5var-x4")
+    models = os.path.join(os.path.dirname(os.path.dirname(__file__)), "models")
+    assert _trained_on_validation_month(os.path.join(models, "dpdm-glosea4-ts-x4"))  # refit on 2011-08..2011-12
+    assert not _trained_on_validation_month(os.path.join(models, "dpdm-tigge-5var-x4"))
+
+
+def test_array_samples_are_keyed_by_position_and_xarray_samples_by_time_as_documented():
+    pipe = make_pipeline(static=())
+    low = make_low_res(ntime=2)
+
+    def members(x, **kw):
+        out = pipe(x, num_members=2, num_inference_steps=2, generator=torch.Generator().manual_seed(0), **kw)
+        return np.asarray(out.members.tas.values if hasattr(out.members, "tas") else out.members)
+
+    as_xarray = members(low)  # (member, time, lat, lon)
+    as_array = members(low.tas.values[:, None], output_type="np")  # (member, batch, var, lat, lon)
+    assert np.array_equal(as_array, members(low.tas.values[:, None], output_type="np"))  # reproducible
+    assert not np.allclose(as_array[:, :, 0], as_xarray)  # other keys, other members
+    later = members(low.isel(time=[1]))  # by time: the second step alone gets the same members as in the pair
+    np.testing.assert_allclose(later[:, 0], as_xarray[:, 1], atol=1e-5)
+    first_alone = members(low.tas.values[1:2, None], output_type="np")  # by position: "#0" now, not "#1"
+    assert not np.allclose(first_alone[:, 0, 0], as_array[:, 1, 0])
