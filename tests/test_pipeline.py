@@ -45,7 +45,7 @@ def test_xarray_output_dims_coords_and_cf_attrs(pipe, low_res, static):
     assert out.mean["tas"].dims == ("time", "lat", "lon")
     assert out.mean["tas"].attrs["cell_methods"] == "member: mean"
     assert out.std["tas"].attrs["cell_methods"] == "member: standard_deviation"
-    assert out.members.attrs["Conventions"] == "CF-1.8" and out.members.attrs["title"] == "synthetic low-res"
+    assert out.members.attrs["Conventions"] == "CF-1.8" and out.members.attrs["title"].startswith("synthetic low-res downscaled x4")
     assert out.members.attrs["dpdm_num_members"] == 3
     np.testing.assert_allclose(out.mean["tas"], m.mean("member"), rtol=1e-6)
     np.testing.assert_allclose(out.std["tas"], m.std("member", ddof=1), rtol=1e-4)
