@@ -435,3 +435,10 @@ def test_array_samples_are_keyed_by_position_and_xarray_samples_by_time_as_docum
     np.testing.assert_allclose(later[:, 0], as_xarray[:, 1], atol=1e-5)
     first_alone = members(low.tas.values[1:2, None], output_type="np")  # by position: "#0" now, not "#1"
     assert not np.allclose(first_alone[:, 0, 0], as_array[:, 1, 0])
+
+
+def test_a_scalar_member_coordinate_is_kept_under_another_name_instead_of_crashing_after_sampling():
+    pipe = make_pipeline(static=())
+    low = make_low_res().assign_coords(member=3)  # e.g. `.isel(member=3)` of an ensemble file
+    out = pipe(low, num_members=2, num_inference_steps=1)
+    assert out.members.sizes["member"] == 2 and int(out.members["input_member"]) == 3
