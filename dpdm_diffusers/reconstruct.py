@@ -233,11 +233,12 @@ def reconstruct(
     store = partial_path(output)
     chunks = _chunks(low_res.sizes["time"], chunk_size)
     static = first.static  # validated on the target grid once (derived from packaged data only once)
+    if state.is_main_process:
+        output.parent.mkdir(parents=True, exist_ok=True)  # the lock file lives beside the output
 
     with OutputLock(output) if state.is_main_process else contextlib.nullcontext():
         # 0. Every time step through the pipeline's own input checks, and the input's fingerprint, before a store
         #    exists: a refused input leaves nothing behind, and a resume on other data is refused
-        settings = None
         if state.is_main_process:
             fingerprint = _scan_input(pipe, low_res, chunks, static, member_dim, variable_map, progress)
             settings = run_settings(
@@ -249,7 +250,6 @@ def reconstruct(
                        "noise_time_correlation": float(noise_time_correlation), "noise_time_unit": time_unit,
                        "output_layout": output_layout if _renames(output_layout) else None})
             settings = json.loads(json.dumps(settings, default=str))  # compared with the stored JSON: same types
-            output.parent.mkdir(parents=True, exist_ok=True)
             try:
                 _open_store(pipe, low_res, store, settings, overwrite, out_names=out_names, grid=grid,
                             num_members=num_members, chunk_size=chunk_size, members=members, stats=stats,

@@ -442,3 +442,9 @@ def test_a_scalar_member_coordinate_is_kept_under_another_name_instead_of_crashi
     low = make_low_res().assign_coords(member=3)  # e.g. `.isel(member=3)` of an ensemble file
     out = pipe(low, num_members=2, num_inference_steps=1)
     assert out.members.sizes["member"] == 2 and int(out.members["input_member"]) == 3
+
+
+def test_an_output_in_a_folder_that_does_not_exist_yet_is_written(model_dir, record, tmp_path):
+    out = tmp_path / "new" / "folder" / "o.zarr"  # the lock file goes beside the output: its folder is made first
+    reconstruct(load(model_dir), record.isel(time=slice(0, 3)), out, **KW)
+    assert out.exists() and not lock_path(out).exists()
