@@ -179,7 +179,7 @@ def chunk_is_whole(store: Path, names: Iterable[str], i: int, a: int, b: int) ->
         return False
 
 
-def whole_chunks(store: Path, names: Iterable[str], chunks, *, progress: bool = False) -> set[int]:
+def whole_chunks(store: Path, names: Iterable[str], chunks) -> set[int]:
     """The chunks that are done and whole; the markers of damaged ones are removed (so they are recomputed)."""
     names = list(names)
     done = marked(store, len(chunks))
@@ -230,6 +230,8 @@ class OutputLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 owner = self._owner()
+                if owner == {}:  # released meanwhile: try again
+                    continue
                 if owner and owner.get("host") == me["host"] and not _alive(int(owner.get("pid", -1))):
                     logger.warning("removing the stale lock %s of process %s, which is gone", self.path, owner.get("pid"))
                     self.path.unlink(missing_ok=True)
