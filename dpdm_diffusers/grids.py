@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# rotated `rlat`/`rlon` are never geographic: they are recognised only to be refused by check_geographic
 LAT_NAMES = ("lat", "latitude", "nav_lat", "rlat", "y")
 LON_NAMES = ("lon", "longitude", "nav_lon", "rlon", "x")
 INTERPOLATIONS = {"bilinear": "linear", "bicubic": "cubic"}
@@ -46,12 +47,45 @@ def check_lat_lon(obj, lat_name: str | None, lon_name: str | None) -> None:
     for name in (lat_name, lon_name):  # a dim without values would silently read as 0, 1, 2 ... degrees
         if name is not None and name not in obj.coords:
             raise ValueError(f"Dimension {name!r} has no coordinate values: not a lat/lon grid (assign degrees first).")
+    check_geographic(obj, lat_name, lon_name)
     lat = np.asarray(obj[lat_name].values if lat_name is not None else [], dtype=np.float64)
     if lat.size and np.nanmax(np.abs(lat)) > 90 + 1e-6:
         raise ValueError(
             f"{lat_name!r} reaches {np.nanmax(np.abs(lat)):.4g}: not a lat/lon grid (projected x/y coordinates?); "
             "regrid to a regular lat/lon grid first."
         )
+
+
+_ROTATED_STANDARD_NAMES = ("grid_latitude", "grid_longitude", "projection_x_coordinate", "projection_y_coordinate")
+
+
+def check_geographic(obj, lat_name: str | None, lon_name: str | None) -> None:
+    """Refuse a grid whose metadata says it is not geographic lat/lon: rotated-pole coordinates (``rlat``/``rlon``,
+    standard names ``grid_latitude``/``grid_longitude``), projected x/y, a CF ``grid_mapping`` other than
+    ``latitude_longitude``, or units that are not degrees. Taking them as geographic would put the static fields
+    (and the result) in the wrong place on Earth, silently."""
+    for name in (lat_name, lon_name):
+        if name is None or name not in obj.coords:
+            continue
+        attrs = obj[name].attrs
+        units = str(attrs.get("units", "")).strip().lower()
+        rotated = attrs.get("standard_name") in _ROTATED_STANDARD_NAMES or name in ("rlat", "rlon")
+        degrees = units.startswith("deg") or "°" in units  # degrees_north, degree_E, degrees N, °N ...
+        if rotated or (units and not degrees) or (name in ("x", "y") and not units):
+            raise ValueError(
+                f"Coordinate {name!r} ({attrs.get('standard_name') or 'no standard_name'}, units {units or 'none'}): "
+                "not a lat/lon grid (geographic degrees). Rotated-pole and projected grids (CORDEX, WRF, UKCP) are not "
+                "supported yet: regrid the field to a regular lat/lon grid first (e.g. xarray-regrid or xESMF).")
+    variables = obj.data_vars.values() if hasattr(obj, "data_vars") else [obj]
+    for var in variables:
+        mapping = var.attrs.get("grid_mapping") or var.encoding.get("grid_mapping")
+        if mapping and mapping in getattr(obj, "variables", {}):
+            kind = obj[mapping].attrs.get("grid_mapping_name", "")
+            if kind and kind != "latitude_longitude":
+                raise ValueError(
+                    f"Variable {var.name!r} is on a {kind!r} grid (grid_mapping {mapping!r}), not a lat/lon grid: "
+                    "rotated-pole and projected grids are not supported yet. Regrid it to a regular lat/lon grid first (e.g. "
+                    "xarray-regrid or xESMF).")
 
 
 def check_regular(values, name: str, rtol: float = 1e-3) -> float:

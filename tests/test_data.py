@@ -93,6 +93,24 @@ def test_irregular_curvilinear_rotated_and_projected_grids_are_refused():
     proj = xr.Dataset({"t": (("y", "x"), np.zeros((3, 4)))}, coords={"y": np.arange(3) * 1e4, "x": np.arange(4) * 1e4})
     with pytest.raises(ValueError, match="not a lat/lon grid"):
         data.standardize(proj)
+    # the pipeline too: rotated coordinates (uk_hires.pp's rlat 0.1..0.7) or projected km never pass for degrees
+    from conftest import make_pipeline
+
+    pipe = make_pipeline(static=())
+    small = xr.Dataset({"tas": (("rlat", "rlon"), np.full((3, 4), 280.0, "f4"), {"units": "K"})},
+                       coords={"rlat": ("rlat", np.arange(3) * 0.2, {"standard_name": "grid_latitude"}),
+                               "rlon": ("rlon", 357.5 + np.arange(4) * 0.2, {"standard_name": "grid_longitude"})})
+    for bad in (small,
+                small.rename(rlat="y", rlon="x").assign_coords(y=("y", np.arange(3.0), {"units": "km"}),
+                                                               x=("x", np.arange(4.0), {"units": "km"})),
+                small.rename(rlat="lat", rlon="lon").assign_coords(lat=np.arange(3.0), lon=np.arange(4.0))
+                .assign_coords(crs=((), 0, {"grid_mapping_name": "lambert_conformal_conic"}))  # decode_coords="all"
+                .pipe(lambda d: d.assign(tas=d.tas.assign_attrs(grid_mapping="crs")))):
+        with pytest.raises(ValueError, match="not a lat/lon grid"):
+            pipe(bad, num_members=1, num_inference_steps=1)
+    ok = small.rename(rlat="y", rlon="x").assign_coords(y=("y", 10 + np.arange(3.0), {"units": "degrees_north"}),
+                                                        x=("x", 100 + np.arange(4.0), {"units": "degrees_east"}))
+    assert pipe(ok, num_members=1, num_inference_steps=1).members.tas.dims == ("member", "y", "x")
 
 
 def test_units_checks_accept_spellings_and_reject_mismatches():
