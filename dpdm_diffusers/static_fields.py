@@ -114,6 +114,18 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "dpdm_diffusers"
 
 
+def _save_cache(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` to the ``.npy`` cache file ``path`` atomically; a cache is an optimisation only, so a failure
+    to write it is ignored."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy", delete=False) as tmp:
+            np.save(tmp, array)
+        os.replace(tmp.name, path)
+    except OSError:
+        pass
+
+
 def _stream_land_count(path: Path) -> np.ndarray:
     """Number of land 30-arcsec cells (0..100) in each 5-arcmin cell, streamed row band by row band."""
     with zipfile.ZipFile(path) as z, z.open("mask.npy") as f:
@@ -149,13 +161,7 @@ def _land_fraction_5min() -> np.ndarray:
             count = None
     if count is None:
         count = _stream_land_count(path)
-        try:  # the cache is an optimisation only: never fail because of it
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npy", delete=False) as tmp:
-                np.save(tmp, count)
-            os.replace(tmp.name, cache)
-        except OSError:
-            pass
+        _save_cache(cache, count)
     out = count.astype(np.float32) / 100.0
     out.flags.writeable = False
     return out
@@ -284,13 +290,7 @@ def _packaged_on_grid(name: str, lat_key: bytes, lon_key: bytes) -> np.ndarray:
         out = area_average(_LOADERS[name](), _source_grid(), grid).astype(np.float32)
         if name == "land_sea_mask":
             out = np.clip(out, 0.0, 1.0)
-        try:  # an optimisation only: never fail because of it
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=cache.parent, suffix=".npy", delete=False) as tmp:
-                np.save(tmp, out)
-            os.replace(tmp.name, cache)
-        except OSError:
-            pass
+        _save_cache(cache, out)
     out.flags.writeable = False
     return out
 
