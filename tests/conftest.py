@@ -83,6 +83,18 @@ def make_low_res(nlat=6, nlon=8, ntime=2, lat0=10.0, lon0=100.0, step=1.0, varia
     return ds
 
 
+def make_record(ntime: int, nlat=6, nlon=8, noise: bool = True):
+    """A monthly record (30-day steps from 2000-01-16) of one coarse field, each step shifted by a random offset
+    (``noise``): the input of the long-reconstruction tests."""
+    one = make_low_res(nlat=nlat, nlon=nlon, ntime=1)
+    times = np.array([np.datetime64("2000-01-16") + np.timedelta64(30 * k, "D") for k in range(ntime)],
+                     dtype="datetime64[ns]")
+    rng = np.random.default_rng(0)
+    ds = xr.concat([one.assign_coords(time=[t]) + (rng.normal(0, 1) if noise else 0.0) for t in times], "time")
+    ds["tas"].attrs = one["tas"].attrs
+    return ds
+
+
 def make_static(grid: Grid, seed=1):
     """Topography (m) and land fraction on ``grid`` as a dict of DataArrays."""
     rng = np.random.default_rng(seed)

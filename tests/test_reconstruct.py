@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import make_low_res, make_pipeline
+from conftest import make_pipeline, make_record
 
 from dpdm_diffusers import DownscalingPipeline
 from dpdm_diffusers.reconstruct import markers_path, partial_path, reconstruct
@@ -31,13 +31,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def record(tmp_path_factory):
     """A 30-step monthly record on a 6 x 8 coarse grid (24 x 32 fine)."""
-    one = make_low_res(ntime=1)
-    times = np.array([np.datetime64("2000-01-16") + np.timedelta64(30 * k, "D") for k in range(30)], dtype="datetime64[ns]")
-    rng = np.random.default_rng(0)
-    ds = xr.concat([one.assign_coords(time=[t]) + rng.normal(0, 1) for t in times], "time")
-    ds["tas"].attrs = one["tas"].attrs
     path = tmp_path_factory.mktemp("data") / "record.nc"
-    ds.to_netcdf(path)
+    make_record(30).to_netcdf(path)
     return path
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import make_low_res, make_pipeline
+from conftest import make_low_res, make_pipeline, make_record
 
 from dpdm_diffusers import DownscalingPipeline
 from dpdm_diffusers.reconstruct import partial_path, reconstruct
@@ -37,13 +37,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def record():
     """12 monthly steps on a 6 x 8 coarse grid (24 x 32 fine)."""
-    one = make_low_res(ntime=1)
-    times = np.array([np.datetime64("2000-01-16") + np.timedelta64(30 * k, "D") for k in range(12)],
-                     dtype="datetime64[ns]")
-    rng = np.random.default_rng(0)
-    ds = xr.concat([one.assign_coords(time=[t]) + rng.normal(0, 1) for t in times], "time")
-    ds["tas"].attrs = one["tas"].attrs
-    return ds
+    return make_record(12)
 
 
 @pytest.fixture(scope="module")
@@ -244,10 +238,7 @@ def test_a_refused_input_leaves_nothing_behind(model_dir, record, tmp_path):
 # 4. Write errors end as one line naming the path, the bytes left and how to resume
 # ---------------------------------------------------------------------------------------------------
 def test_a_file_size_limit_mid_run_is_one_line_and_the_same_command_resumes(model_dir, tmp_path):
-    one = make_low_res(nlat=24, nlon=24, ntime=1)  # 96 x 96 fine: a chunk file (~100 kB) outgrows the metadata
-    low = xr.concat([one.assign_coords(time=[np.datetime64("2000-01-16") + np.timedelta64(30 * k, "D")])
-                     for k in range(6)], "time")
-    low["tas"].attrs = one["tas"].attrs
+    low = make_record(6, nlat=24, nlon=24, noise=False)  # 96 x 96 fine: a chunk file (~100 kB) outgrows the metadata
     low.to_netcdf(tmp_path / "low.nc")
     out = tmp_path / "o.zarr"
     argv = ["downscale", str(tmp_path / "low.nc"), "-o", str(out), "--model", str(model_dir), "--members", "2",
@@ -357,7 +348,7 @@ def test_the_memory_guard_counts_the_address_space_limit(tmp_path):
         import resource, sys
         import psutil
         sys.path.insert(0, "tests")
-        from conftest import make_low_res, make_pipeline
+        from conftest import make_low_res, make_pipeline, make_record
         pipe = make_pipeline(static=())
         low = make_low_res(nlat=96, nlon=96, ntime=1, lat0=-40.0, step=0.5)
         vms = psutil.Process().memory_info().vms
