@@ -104,6 +104,14 @@ def make_static(grid: Grid, seed=1):
     return {"topography": topo, "land_sea_mask": lsm}
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny pipeline without static channels (folder name ``tiny``)."""
+    folder = tmp_path_factory.mktemp("model") / "tiny"
+    make_pipeline(static=()).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def pipe():
     return make_pipeline()

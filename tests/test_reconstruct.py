@@ -13,19 +13,12 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from conftest import make_pipeline, make_record
+from conftest import make_record
 
 from dpdm_diffusers import DownscalingPipeline
 from dpdm_diffusers.reconstruct import markers_path, partial_path, reconstruct
 
 KW = dict(num_members=3, num_inference_steps=2, seed=0, progress=False)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    make_pipeline(static=()).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

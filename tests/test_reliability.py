@@ -28,13 +28,6 @@ class Killed(RuntimeError):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    make_pipeline(static=()).save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def record():
     """12 monthly steps on a 6 x 8 coarse grid (24 x 32 fine)."""
     return make_record(12)
