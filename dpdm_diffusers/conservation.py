@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .grids import lat_lon_names, refine
+from .grids import grid_dims, refine
 
 __all__ = ["METHODS", "block_mean", "block_repeat", "conserve", "conserve_dataarray", "check_refinement"]
 
@@ -140,7 +140,7 @@ def check_refinement(fine: xr.DataArray | xr.Dataset, coarse: xr.DataArray | xr.
     ``rtol`` is the tolerance as a fraction of the fine grid spacing; longitudes are compared modulo 360.
     """
     s = _check_factor(scale_factor)
-    for (fn, cn), what in zip(zip(lat_lon_names(fine), lat_lon_names(coarse)), ("latitude", "longitude")):
+    for (fn, cn), what in zip(zip(grid_dims(fine), grid_dims(coarse)), ("latitude", "longitude")):
         f = np.asarray(fine[fn].values, dtype=np.float64)
         c = np.asarray(coarse[cn].values, dtype=np.float64)
         if f.size != c.size * s:
@@ -172,8 +172,8 @@ def conserve_dataarray(members: xr.DataArray | xr.Dataset, low_res: xr.DataArray
         return members.assign({k: conserve_dataarray(members[k], low_res[k], scale_factor, method=method)
                                for k in members.data_vars})
     check_refinement(members, low_res, scale_factor)
-    la, lo = lat_lon_names(members)
-    cla, clo = lat_lon_names(low_res)
+    la, lo = grid_dims(members)
+    cla, clo = grid_dims(low_res)
     core: tuple[Hashable, Hashable] = ("_coarse_lat", "_coarse_lon")
     low = low_res.rename({cla: core[0], clo: core[1]}).drop_vars(core, errors="ignore")
     out = xr.apply_ufunc(

@@ -5,8 +5,12 @@ standardised, validated :class:`xarray.Dataset` objects that the statistics and 
 
 Conventions after :func:`standardize`:
 
-* spatial dimensions are called ``lat`` and ``lon`` (from ``latitude``/``longitude``/``nav_lat``/``y``...),
+* spatial dimensions are called ``lat`` and ``lon`` (from ``latitude``/``longitude``/``nav_lat``...),
   both regular (checked), latitude ascending;
+* a grid regular in its own coordinates with a CF ``grid_mapping`` (rotated pole, Lambert conformal, polar
+  stereographic: :mod:`dpdm_diffusers.native_grids`) keeps them, as dims ``y``/``x`` (ascending, checked regular)
+  with the grid-mapping variable as a coordinate; ``lat``/``lon`` are only ever geographic, so the 2-D ones are
+  dropped (checked against the mapping first) and rebuilt on output;
 * longitude keeps the source convention (0..360 or -180..180) unless asked otherwise; a box that crosses
   the dateline or the prime meridian comes back with a *continuous* longitude axis (e.g. 170..190);
 * ``valid_time`` (new ERA5 files) is renamed ``time``.
@@ -31,11 +35,12 @@ from .grids import (
     check_lat_lon,
     check_regular,
     contiguous_longitude,
+    grid_dims,
     interpolate,
     interpolation_methods,
-    is_global_lon,
 )
 from .naming import parse_mapping  # noqa: F401 - public here too (CLI, training configs)
+from .native_grids import NativeAxes, box_slices, check_geographic_coords, native_axes
 
 __all__ = [
     "open_dataset",
@@ -53,13 +58,12 @@ __all__ = [
     "trim_to_multiple",
     "coarsen",
     "regrid",
+    "regrid_to_native",
     "check_time_axes",
     "make_pairs",
     "PairedData",
 ]
 
-# Rotated-pole axes are regular in rotated coordinates only: treating them as lat/lon would be wrong.
-_ROTATED = ("rlat", "rlon")
 _TIME_ALIASES = ("valid_time", "Time", "t")
 
 
@@ -173,15 +177,18 @@ def _find_dim(ds, names) -> str | None:
 def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = False):
     """Rename spatial/time dims to ``lat``/``lon``/``time``, check regularity, sort latitude ascending.
 
-    Works on a Dataset or DataArray. Raises ``ValueError`` for rotated-pole, curvilinear (2-D lat/lon)
-    or irregular grids, with a message that says what to do; ``regular_grid=True`` instead puts a
-    near-regular grid (e.g. Gaussian latitudes) on a regular one with :func:`regularize`.
+    Works on a Dataset or DataArray. A grid with a CF grid mapping (rotated pole, a projection) becomes dims
+    ``y``/``x`` (see the module docstring). Raises ``ValueError`` for curvilinear (2-D lat/lon without a mapping),
+    rotated or projected axes without a mapping, and irregular grids, with a message that says what to do;
+    ``regular_grid=True`` instead puts a near-regular grid (e.g. Gaussian latitudes) on a regular one with
+    :func:`regularize`.
     """
-    rotated = [d for d in _ROTATED if d in obj.dims]
-    if rotated:
-        raise ValueError(
-            f"Rotated-pole grid (dims {rotated}) is not supported: regrid to a regular lat/lon grid first."
-        )
+    axes = native_axes(obj)
+    if axes is not None:
+        if lon_convention is not None or regular_grid:
+            raise ValueError(f"lon_convention and regular_grid apply to lat/lon grids; the data are on a "
+                             f"{axes.mapping.describe()}.")
+        return _standardize_native(obj, axes)
     la = _find_dim(obj, LAT_NAMES)
     lo = _find_dim(obj, LON_NAMES)
     check_lat_lon(obj, la, lo)  # before renaming: a 2-D `lat` beside the dims is reported by its own name
@@ -242,13 +249,57 @@ def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = 
     return obj
 
 
+_GEOGRAPHIC_2D = ("lat", "lon", "latitude", "longitude", "nav_lat", "nav_lon")
+
+
+def _standardize_native(obj, axes: NativeAxes):
+    """:func:`standardize` for a grid with a CF grid mapping: axes ``y``/``x`` ascending and exactly regular (float32
+    jitter removed), the mapping variable a coordinate, the 2-D lat/lon checked against it and dropped."""
+    check_geographic_coords(obj, axes)
+    drop = [n for n in _GEOGRAPHIC_2D if n in obj.variables and obj[n].ndim == 2]
+    obj = obj.drop_vars(drop)
+    if isinstance(obj, xr.Dataset) and axes.mapping.name in obj.data_vars:
+        obj = obj.set_coords(axes.mapping.name)
+    rename = {a: b for a, b in ((axes.y, "y"), (axes.x, "x")) if a != b}
+    if "time" not in obj.dims:
+        rename.update({t: "time" for t in _TIME_ALIASES[:1] if t in obj.dims})
+    clash = [new for new in rename.values() if new in obj.variables and new not in obj.dims]
+    obj = obj.drop_vars(clash).rename(rename)
+    for d in ("y", "x"):
+        v = np.asarray(obj[d].values)
+        if v.size > 1 and v[1] < v[0]:
+            obj = obj.isel({d: slice(None, None, -1)})
+        v = obj[d].values
+        step = check_regular(v, f"{d} ({axes.y if d == 'y' else axes.x})")
+        exact = float(v[0]) + step * np.arange(v.size)  # float32 axes jitter by their rounding; the grid does not
+        obj = obj.assign_coords({d: xr.Variable(d, exact, obj[d].attrs)})
+    if isinstance(obj, xr.Dataset):
+        for v in obj.data_vars:
+            if {"y", "x"} <= set(obj[v].dims):
+                obj[v].encoding.pop("grid_mapping", None)
+                obj[v].attrs["grid_mapping"] = axes.mapping.name
+    else:
+        obj.encoding.pop("grid_mapping", None)
+        obj.attrs["grid_mapping"] = axes.mapping.name
+    if "time" in obj.dims and obj.sizes["time"] > 1 and "time" in obj.indexes:
+        if not obj.indexes["time"].is_monotonic_increasing:
+            obj = obj.sortby("time")
+    return obj
+
+
 def input_layout(obj) -> dict:
     """How a file names and orders its grid, so that output can be written the same way (:func:`restore_layout`):
-    the names of its latitude, longitude and time dims and whether latitude/longitude are stored descending."""
-    la, lo = _find_dim(obj, LAT_NAMES), _find_dim(obj, LON_NAMES)
+    the names of its latitude, longitude (or native y, x) and time dims and whether they are stored descending."""
+    axes = native_axes(obj)
     time = "time" if "time" in obj.dims else next((t for t in _TIME_ALIASES if t in obj.dims), "time")
-    out = {"lat": la or "lat", "lon": lo or "lon", "time": time}
-    for key, dim in (("lat_descending", la), ("lon_descending", lo)):
+    if axes is not None:
+        out = {"y": axes.y, "x": axes.x, "time": time}
+        pairs = (("y_descending", axes.y), ("x_descending", axes.x))
+    else:
+        la, lo = _find_dim(obj, LAT_NAMES), _find_dim(obj, LON_NAMES)
+        out = {"lat": la or "lat", "lon": lo or "lon", "time": time}
+        pairs = (("lat_descending", la), ("lon_descending", lo))
+    for key, dim in pairs:
         v = np.asarray(obj[dim].values, dtype=np.float64) if dim else np.array([])
         out[key] = bool(v.size > 1 and np.all(np.diff(v) < 0))
     return out
@@ -258,10 +309,10 @@ def restore_layout(obj, layout: Mapping | None):
     """Undo :func:`standardize`'s renaming and sorting for a file laid out as ``layout`` (:func:`input_layout`)."""
     if not layout:
         return obj
-    for key, dim in (("lat_descending", "lat"), ("lon_descending", "lon")):
-        if layout.get(key) and dim in obj.dims:
+    for dim in ("lat", "lon", "y", "x"):
+        if layout.get(f"{dim}_descending") and dim in obj.dims:
             obj = obj.isel({dim: slice(None, None, -1)})
-    rename = {d: layout[d] for d in ("lat", "lon", "time") if d in obj.dims and layout.get(d, d) != d}
+    rename = {d: layout[d] for d in ("lat", "lon", "y", "x", "time") if d in obj.dims and layout.get(d, d) != d}
     return obj.rename(rename) if rename else obj
 
 
@@ -367,7 +418,14 @@ def select_box(obj, lat: tuple[float, float] | None = None, lon: tuple[float, fl
     The returned longitude is continuous and increasing and starts at ``west`` as given (``170 .. 190`` for
     that box, ``-10 .. 10`` for ``(-10, 10)`` in 0..360 data, ``230 .. 330`` for ``(230, 330)`` in -180..180 data),
     so the result is again a regular grid in the caller's convention.
+
+    On a native (rotated or projected) grid the box is the smallest block of cells holding every cell whose
+    centre lies in it: the result is again a regular native grid.
     """
+    axes = native_axes(obj)
+    if axes is not None:
+        rows, cols = box_slices(*Grid.from_xarray(obj).geographic(), lat, lon)
+        return obj.isel({axes.y: rows, axes.x: cols})
     if lat is not None:
         south, north = sorted(float(v) for v in lat)
         v = np.asarray(obj["lat"].values, dtype=np.float64)
@@ -427,7 +485,7 @@ def coarse_grid(grid: Grid, factor: int) -> Grid:
             f"Grid {ny}x{nx} is not divisible by the scale factor {factor}; "
             "crop it with `trim_to_multiple(ds, factor)` first."
         )
-    return Grid(grid.lat.reshape(-1, factor).mean(1), grid.lon.reshape(-1, factor).mean(1))
+    return Grid(grid.lat.reshape(-1, factor).mean(1), grid.lon.reshape(-1, factor).mean(1), grid.mapping)
 
 
 def trim_to_multiple(obj, factor: int):
@@ -436,10 +494,11 @@ def trim_to_multiple(obj, factor: int):
     On a periodic (global) grid longitude is never trimmed silently: a global grid whose size is not a
     multiple of the factor cannot be coarsened without breaking periodicity, so it raises instead.
     """
-    ny, nx = obj.sizes["lat"], obj.sizes["lon"]
-    if nx % factor and is_global_lon(obj["lon"].values):
+    ya, xa = grid_dims(obj)
+    ny, nx = obj.sizes[ya], obj.sizes[xa]
+    if nx % factor and Grid.from_xarray(obj).periodic:
         raise ValueError(f"Global longitude axis of {nx} points is not divisible by the scale factor {factor}.")
-    return obj.isel(lat=slice(0, ny - ny % factor), lon=slice(0, nx - nx % factor))
+    return obj.isel({ya: slice(0, ny - ny % factor), xa: slice(0, nx - nx % factor)})
 
 
 def coarsen(high_res: xr.Dataset, factor: int) -> xr.Dataset:
@@ -449,9 +508,9 @@ def coarsen(high_res: xr.Dataset, factor: int) -> xr.Dataset:
     a block with no valid point is missing. Coordinates become the block centres.
     """
     coarse_grid(Grid.from_xarray(high_res), factor)  # validates divisibility with a clear message
-    out = high_res.coarsen(lat=factor, lon=factor, boundary="exact").mean(keep_attrs=True)
-    return out.assign_coords(lat=out["lat"].assign_attrs(high_res["lat"].attrs),
-                             lon=out["lon"].assign_attrs(high_res["lon"].attrs))
+    ya, xa = grid_dims(high_res)
+    out = high_res.coarsen({ya: factor, xa: factor}, boundary="exact").mean(keep_attrs=True)
+    return out.assign_coords({ya: out[ya].assign_attrs(high_res[ya].attrs), xa: out[xa].assign_attrs(high_res[xa].attrs)})
 
 
 def regrid(obj, grid: Grid, method="bilinear"):
@@ -465,6 +524,21 @@ def regrid(obj, grid: Grid, method="bilinear"):
     A non-global source is first shifted by a multiple of 360 degrees so its longitudes face the target's.
     """
     src = Grid.from_xarray(obj)
+    if src.mapping != grid.mapping:
+        if src.mapping is None:  # a lat/lon field for a rotated or projected target
+            return regrid_to_native(obj, grid, method)
+        raise ValueError(f"Cannot interpolate from a {src.describe()} to a {grid.describe()}: regrid the data to "
+                         "the target's grid or to regular lat/lon first.")
+    if src.mapping is not None:
+        names = grid_dims(obj)
+        if isinstance(obj, xr.Dataset):
+            methods = interpolation_methods(method, len(obj.data_vars))
+            out = xr.Dataset({k: _regrid_array(v, src, grid, m, names) for (k, v), m in zip(obj.data_vars.items(), methods)},
+                             attrs=obj.attrs)
+        else:
+            out = _regrid_array(obj, src, grid, method, names)
+        return out.assign_coords({names[0]: xr.DataArray(grid.y, dims=names[0], attrs=obj[names[0]].attrs),
+                                  names[1]: xr.DataArray(grid.x, dims=names[1], attrs=obj[names[1]].attrs)})
     if not src.periodic:
         shift = 360.0 * np.round((np.mean(grid.lon) - np.mean(src.lon)) / 360.0)
         if shift:
@@ -482,19 +556,81 @@ def regrid(obj, grid: Grid, method="bilinear"):
                              lon=xr.DataArray(grid.lon, dims="lon", attrs=obj["lon"].attrs))
 
 
-def _regrid_array(da: xr.DataArray, src: Grid, grid: Grid, method: str) -> xr.DataArray:
+def _regrid_array(da: xr.DataArray, src: Grid, grid: Grid, method: str, dims=("lat", "lon")) -> xr.DataArray:
+    ya, xa = dims
     if not np.issubdtype(da.dtype, np.floating):
         da = da.astype(np.float32)  # interpolation keeps the input dtype: integers would truncate
     if da.chunks is not None:
-        da = da.chunk({"lat": -1, "lon": -1})  # interpolation needs whole spatial fields per block
+        da = da.chunk({ya: -1, xa: -1})  # interpolation needs whole spatial fields per block
     out = xr.apply_ufunc(
         interpolate, da, kwargs={"src": src, "dst": grid, "method": method},
-        input_core_dims=[["lat", "lon"]], output_core_dims=[["lat", "lon"]],
-        exclude_dims={"lat", "lon"}, dask="parallelized", keep_attrs=True,
-        dask_gufunc_kwargs={"output_sizes": {"lat": grid.shape[0], "lon": grid.shape[1]}},
+        input_core_dims=[[ya, xa]], output_core_dims=[[ya, xa]],
+        exclude_dims={ya, xa}, dask="parallelized", keep_attrs=True,
+        dask_gufunc_kwargs={"output_sizes": {ya: grid.shape[0], xa: grid.shape[1]}},
         output_dtypes=[da.dtype],
     )
-    return out.drop_vars([c for c in ("lat", "lon") if c in out.coords])
+    return out.drop_vars([c for c in (ya, xa) if c in out.coords])
+
+
+REGRID_METHODS = ("bilinear", "conservative")
+
+
+def regrid_to_native(obj, grid: Grid, method: str = "bilinear"):
+    """A regular lat/lon field (a GCM or reanalysis) on a rotated or projected grid ``grid``, e.g. the coarse native
+    grid of a regional model's fine one (``coarse_grid(Grid.from_xarray(fine), factor)``).
+
+    ``method``: ``"bilinear"`` interpolates at each cell centre (:meth:`xarray.Dataset.interp`, scipy's linear
+    interpolation, at the centres placed by pyproj); ``"conservative"`` averages each cell's footprint (``k x k``
+    points per cell, nearest source cell each, :func:`~dpdm_diffusers.static_fields.footprint_mean`), which keeps
+    area means: use it for precipitation and whenever the source is finer than the target. Output has dims ``y``/``x``
+    and the grid mapping, as :func:`standardize` gives; a target cell outside the source is refused, never filled.
+    """
+    if grid.mapping is None:
+        raise ValueError("regrid_to_native needs a native (rotated or projected) target grid; use regrid for lat/lon.")
+    if method not in REGRID_METHODS:
+        raise ValueError(f"Unknown method {method!r} for a native target; expected one of {REGRID_METHODS}.")
+    src = Grid.from_xarray(obj)
+    if src.mapping is not None:
+        raise ValueError(f"The source is already on a {src.describe()}: regrid_to_native reads regular lat/lon data.")
+    la, lo = grid_dims(obj)
+    lat2, lon2 = grid.geographic()
+    lon_src = np.asarray(obj[lo].values, np.float64)
+    lon2 = lon_src.min() + np.mod(lon2 - lon_src.min(), 360.0)  # the source's longitude convention
+    from .native_grids import axis_attrs
+
+    if method == "bilinear":
+        if src.periodic:  # one wrapped column, so centres between the last and first longitude are inside
+            obj = xr.concat([obj, obj.isel({lo: [0]}).assign_coords({lo: [lon_src[0] + 360.0]})], dim=lo)
+        lat_t = xr.DataArray(lat2, dims=("y", "x"))
+        lon_t = xr.DataArray(np.where(lon2 < np.asarray(obj[lo]).min(), lon2 + 360.0, lon2), dims=("y", "x"))
+        out = obj.interp({la: lat_t, lo: lon_t}, method="linear").drop_vars([la, lo], errors="ignore")
+    else:
+        from .static_fields import footprint_mean
+
+        def one(da):
+            core = da.transpose(..., la, lo)
+            lead = core.shape[:-2]
+            flat = np.asarray(core.values, np.float64).reshape(-1, *src.shape)
+            res = np.stack([footprint_mean(f, src, grid, method="nearest") for f in flat])
+            dims = [d for d in core.dims if d not in (la, lo)]
+            return xr.DataArray(res.reshape(*lead, *grid.shape).astype(np.float32), dims=(*dims, "y", "x"),
+                                coords={d: core[d] for d in dims if d in core.coords}, attrs=da.attrs)
+
+        out = xr.Dataset({k: one(v) for k, v in obj.data_vars.items()}, attrs=obj.attrs) if isinstance(
+            obj, xr.Dataset) else one(obj)
+    variables = list(out.data_vars) if isinstance(out, xr.Dataset) else [None]
+    first = out.isel({d: 0 for d in out.dims if d not in ("y", "x")})  # cells outside the source: NaN at every step
+    n_missing = sum(int(np.isnan(np.asarray((first[v] if v else first).values)).sum()) for v in variables)
+    if n_missing:
+        raise ValueError(f"{n_missing} cells of the {grid.describe()} lie outside the lat/lon source "
+                         f"({src.describe()}): give a source that covers the whole target domain.")
+    out = out.assign_coords(y=xr.Variable("y", grid.y, axis_attrs(grid.mapping, "y")),
+                            x=xr.Variable("x", grid.x, axis_attrs(grid.mapping, "x")))
+    out = out.assign_coords({grid.mapping.name: grid.mapping.variable()})
+    for v in variables:
+        target = out[v] if v else out
+        target.attrs["grid_mapping"] = grid.mapping.name
+    return out
 
 
 def check_time_axes(high_res, low_res, tolerance=None):

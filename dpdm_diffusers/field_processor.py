@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from dpdm_diffusers.cf_attrs import clean_cf, output_attrs
-from dpdm_diffusers.grids import Grid, check_lat_lon, contiguous_longitude, lat_lon_names
+from dpdm_diffusers.grids import Grid, check_lat_lon, contiguous_longitude, grid_dims, lat_lon_names
 from dpdm_diffusers.naming import apply_variable_map
+from dpdm_diffusers.native_grids import check_geographic_coords, native_axes, output_coords
 from dpdm_diffusers.seeding import position_keys, sample_keys
 from dpdm_diffusers.transforms import forward_transform
 
@@ -35,7 +36,7 @@ class FieldLayout:
         tensor: array input was a ``torch.Tensor`` (the default output type is then ``"pt"``).
         sample_keys: one key per sample (:func:`dpdm_diffusers.seeding.sample_keys`), which seeds its noise.
         template: the (renamed, sorted) input Dataset whose coordinates and attributes the output carries.
-        lat_name, lon_name: the caller's names of the spatial dims.
+        lat_name, lon_name: the caller's names of the spatial dims (a native grid's y and x axes).
         batch_dims, batch_shape: the non-spatial dims of the input (e.g. ``("time",)``) and their sizes.
         lat_descending, lon_descending: the caller's coordinate order.
         lon_base: the western edge of the caller's longitude convention for global grids (``None`` otherwise).
@@ -172,13 +173,19 @@ class FieldProcessor:
             raise TypeError(
                 f"low_res must be an xarray Dataset/DataArray, a torch.Tensor or a numpy array, got {type(low_res)}.")
         ds, rename_back = apply_variable_map(ds, variable_map, variables, exact=True)
-        lat_name, lon_name = lat_lon_names(ds)
-        check_lat_lon(ds, lat_name, lon_name)
-        ds = contiguous_longitude(ds, lat_name, lon_name)
-        src_in = Grid(ds[lat_name].values, ds[lon_name].values)  # validates monotonic/unique/regular
+        axes = native_axes(ds)
+        if axes is not None:  # rotated pole or a projection: tiles on its own axes, never wrapped
+            lat_name, lon_name = axes.y, axes.x
+            check_geographic_coords(ds, axes)
+        else:
+            lat_name, lon_name = lat_lon_names(ds)
+            check_lat_lon(ds, lat_name, lon_name)
+            ds = contiguous_longitude(ds, lat_name, lon_name)
+        mapping = axes.mapping if axes is not None else None
+        src_in = Grid(ds[lat_name].values, ds[lon_name].values, mapping)  # validates monotonic/unique/regular
         lat_desc, lon_desc = src_in.lat[0] > src_in.lat[-1], src_in.lon[0] > src_in.lon[-1]
         ds = ds.sortby([lat_name, lon_name])
-        src = Grid(ds[lat_name].values, ds[lon_name].values)
+        src = Grid(ds[lat_name].values, ds[lon_name].values, mapping)
         lon_base = None
         if src.periodic:
             # one canonical longitude order (0..360) for global fields, so the tiling and the noise canvas sit at the
@@ -224,7 +231,10 @@ class FieldProcessor:
         if target_grid is None:
             return src.refine(self.scale_factor)
         dst = target_grid if isinstance(target_grid, Grid) else Grid.from_xarray(target_grid)
-        dst = Grid(np.sort(dst.lat), np.sort(dst.lon))
+        dst = Grid(np.sort(dst.lat), np.sort(dst.lon), dst.mapping)
+        if dst.mapping != src.mapping:
+            raise ValueError(f"The target is a {dst.describe()}, the low-res input a {src.describe()}: both must be "
+                             "on the same kind of grid (regrid the input with dpdm regrid first).")
         ratio = src.scale_factor_to(dst)
         if abs(ratio - self.scale_factor) > 0.05 * self.scale_factor:
             raise ValueError(
@@ -331,21 +341,25 @@ class FieldProcessor:
         ds_in, lat_name, lon_name = layout.template, layout.lat_name, layout.lon_name
         m = members.shape[0]
         members = members.reshape(m, *layout.batch_shape, *members.shape[-3:])  # (M, *batch, V, H, W)
-        coords = {
-            lat_name: xr.Variable(lat_name, dst.lat, ds_in[lat_name].attrs),
-            lon_name: xr.Variable(lon_name, dst.lon, ds_in[lon_name].attrs),
-            member_dim: xr.Variable(member_dim, np.arange(m), {"long_name": "ensemble member"}),
-        }
+        if dst.mapping is not None:  # the native axes, 2-D lat/lon and the grid mapping, as CF tools read the input
+            coords = output_coords(dst.mapping, lat_name, lon_name, dst.y, dst.x, ds_in[lat_name].attrs,
+                                   ds_in[lon_name].attrs)
+        else:
+            coords = {lat_name: xr.Variable(lat_name, dst.lat, ds_in[lat_name].attrs),
+                      lon_name: xr.Variable(lon_name, dst.lon, ds_in[lon_name].attrs)}
+        coords[member_dim] = xr.Variable(member_dim, np.arange(m), {"long_name": "ensemble member"})
         for name, c in ds_in.coords.items():  # time, scalar and other non-spatial coords carry through
-            if name not in (lat_name, lon_name) and not ({lat_name, lon_name} & set(c.dims)):
+            if name not in coords and not ({lat_name, lon_name} & set(c.dims)):
                 coords[name] = c
         attrs = output_attrs(ds_in.attrs, scale_factor=self.scale_factor, info=info)
 
         def dataset(arr, dims_lead, cell_method, long_suffix):
             data_vars = {}
             for i, (v, u) in enumerate(zip(self.variables, self.units)):
-                va = dict(ds_in[v].attrs)
+                va = {k: a for k, a in ds_in[v].attrs.items() if k not in ("coordinates", "grid_mapping")}
                 va["units"] = u
+                if dst.mapping is not None:
+                    va["grid_mapping"] = dst.mapping.name
                 if cell_method:  # appended: the input's own (e.g. "time: mean") still holds
                     va["cell_methods"] = f"{va.get('cell_methods', '')} {member_dim}: {cell_method}".strip()
                 if long_suffix:
@@ -386,6 +400,16 @@ def _as_numpy(x) -> np.ndarray:
 
 def _on_target_grid(f, name: str, dst: Grid) -> np.ndarray:
     """An xarray static field as an array on ``dst``: it must be that grid (in either longitude convention/order)."""
+    if dst.mapping is not None:
+        src = Grid.from_xarray(f)
+        ya, xa = grid_dims(f)
+        f = f.sortby([ya, xa]).squeeze(drop=True)
+        ok = src.mapping == dst.mapping and src.shape == dst.shape and np.allclose(
+            np.sort(src.y), dst.y, atol=1e-3 * dst.dlat) and np.allclose(np.sort(src.x), dst.x, atol=1e-3 * dst.dlon)
+        if not ok:
+            raise ValueError(f"Static field {name!r} is on a {src.describe()}, the target is a {dst.describe()}: "
+                             "give it on the target grid (get_static_fields(grid, sources=...) regrids a file).")
+        return f.transpose(ya, xa).values
     la, lo = lat_lon_names(f)
     f = f.sortby([la, lo]).squeeze(drop=True)
     lat, lon = f[la].values, f[lo].values

@@ -63,8 +63,9 @@ def distribution_rows(truth: xr.DataArray, forecasts: Mapping[str, xr.DataArray]
 def fine_scale_anomaly(field: xr.DataArray, scale_factor: int) -> xr.DataArray:
     """``field`` minus its own ``scale_factor`` x ``scale_factor`` block mean: the detail below the coarse grid."""
     from .conservation import block_mean, block_repeat
+    from .grids import grid_dims
 
-    field = field.transpose(..., "lat", "lon")
+    field = field.transpose(..., *grid_dims(field))
     values = np.asarray(field.values, dtype=np.float64)
     return field.copy(data=values - block_repeat(block_mean(values, scale_factor), scale_factor))
 

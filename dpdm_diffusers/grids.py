@@ -1,4 +1,8 @@
-"""Regular lat/lon grids: coordinate conventions, validation, refinement and interpolation.
+"""Regular grids: coordinate conventions, validation, refinement and interpolation.
+
+A :class:`Grid` is regular lat/lon, or regular in its own coordinates (rotated pole, a projection) with a
+:class:`~dpdm_diffusers.native_grids.GridMapping` that says where it lies on Earth: tiling, interpolation and block
+means work on its axes the same way; only geography (static fields, area weights) asks the mapping.
 
 Pure numpy/scipy (no file I/O). Interpolation uses :class:`scipy.interpolate.RegularGridInterpolator`
 (linear = bilinear, cubic = bicubic spline) after padding the coarse grid by two cells (wrapping in
@@ -10,8 +14,12 @@ held at the edge value (as ``torch`` ``align_corners=False`` does), never extrap
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .native_grids import GridMapping
 
 # rotated `rlat`/`rlon` are never geographic: they are recognised only to be refused by check_geographic
 LAT_NAMES = ("lat", "latitude", "nav_lat", "rlat", "y")
@@ -28,7 +36,23 @@ def find_coord(obj, names, what: str) -> str:
 
 
 def lat_lon_names(obj) -> tuple[str, str]:
+    """Names of the latitude and longitude dims of a lat/lon grid; a grid with a CF grid mapping (whose ``rlat`` or
+    ``y`` would otherwise be taken for latitude) is refused: :func:`grid_dims` names its axes."""
+    from .native_grids import native_axes
+
+    axes = native_axes(obj)
+    if axes is not None:
+        raise ValueError(f"The data are on a {axes.mapping.describe()}: its axes {axes.y!r}/{axes.x!r} are not "
+                         "latitude/longitude, and this step needs a regular lat/lon grid.")
     return find_coord(obj, LAT_NAMES, "latitude"), find_coord(obj, LON_NAMES, "longitude")
+
+
+def grid_dims(obj) -> tuple[str, str]:
+    """Names of the (row, column) dims: the native axes of a grid with a CF grid mapping, else latitude/longitude."""
+    from .native_grids import native_axes
+
+    axes = native_axes(obj)
+    return (axes.y, axes.x) if axes is not None else lat_lon_names(obj)
 
 
 # 2-D coordinates under these names make a curvilinear grid, which is not a regular lat/lon grid
@@ -73,9 +97,12 @@ def check_geographic(obj, lat_name: str | None, lon_name: str | None) -> None:
         degrees = units.startswith("deg") or "°" in units  # degrees_north, degree_E, degrees N, °N ...
         if rotated or (units and not degrees) or (name in ("x", "y") and not units):
             raise ValueError(
-                f"Coordinate {name!r} ({attrs.get('standard_name') or 'no standard_name'}, units {units or 'none'}): "
-                "not a lat/lon grid (geographic degrees). Rotated-pole and projected grids (CORDEX, WRF, UKCP) are not "
-                "supported yet: regrid the field to a regular lat/lon grid first (e.g. xarray-regrid or xESMF).")
+                f"Coordinate {name!r} ({attrs.get('standard_name') or 'no standard_name'}, units {units or 'none'}) is "
+                "not geographic latitude/longitude, and no CF grid_mapping variable says where the grid lies on Earth. "
+                "Rotated-pole and projected grids (CORDEX, WRF, UKCP) work when the file carries one: add it (e.g. "
+                "ds['rotated_pole'] = xr.DataArray(0, attrs={'grid_mapping_name': 'rotated_latitude_longitude', "
+                "'grid_north_pole_latitude': ..., 'grid_north_pole_longitude': ...}) and set the variables' "
+                "attribute grid_mapping='rotated_pole'), or regrid to a regular lat/lon grid.")
     variables = obj.data_vars.values() if hasattr(obj, "data_vars") else [obj]
     for var in variables:
         mapping = var.attrs.get("grid_mapping") or var.encoding.get("grid_mapping")
@@ -83,13 +110,17 @@ def check_geographic(obj, lat_name: str | None, lon_name: str | None) -> None:
             kind = obj[mapping].attrs.get("grid_mapping_name", "")
             if kind and kind != "latitude_longitude":
                 raise ValueError(
-                    f"Variable {var.name!r} is on a {kind!r} grid (grid_mapping {mapping!r}), not a lat/lon grid: "
-                    "rotated-pole and projected grids are not supported yet. Regrid it to a regular lat/lon grid first (e.g. "
-                    "xarray-regrid or xESMF).")
+                    f"Variable {var.name!r} is on a {kind!r} grid (grid_mapping {mapping!r}), but its dims "
+                    f"{tuple(var.dims)} were read as latitude/longitude: name its axes as CF does (standard_name "
+                    "grid_latitude/grid_longitude or projection_y/x_coordinate).")
 
 
 def check_regular(values, name: str, rtol: float = 1e-3) -> float:
-    """Check a 1-D coordinate is finite, strictly monotonic and evenly spaced; return its signed step."""
+    """Check a 1-D coordinate is finite, strictly monotonic and evenly spaced; return its signed step.
+
+    Coordinates stored as float32 may jitter by their rounding (a 0.0135-degree step near 360 has 3e-5 of it):
+    that much is allowed on top of ``rtol``."""
+    rounding = 8 * np.finfo(np.float32).eps if np.asarray(values).dtype == np.float32 else 0.0
     v = np.asarray(values, dtype=np.float64)
     if v.ndim != 1 or v.size < 2:
         raise ValueError(f"Coordinate `{name}` must be 1-D with at least 2 points, got shape {v.shape}.")
@@ -102,7 +133,7 @@ def check_regular(values, name: str, rtol: float = 1e-3) -> float:
     if not (np.all(d > 0) or np.all(d < 0)):
         raise ValueError(f"Coordinate `{name}` is not monotonic (sort it first, e.g. `ds.sortby('{name}')`).")
     step = float(np.median(d))
-    if np.max(np.abs(d - step)) > rtol * abs(step) + 1e-9:
+    if np.max(np.abs(d - step)) > rtol * abs(step) + 1e-9 + rounding * np.abs(v).max():
         raise ValueError(
             f"Coordinate `{name}` is irregular (spacing {d.min():.6g} .. {d.max():.6g}); "
             "regrid to a regular lat/lon grid first."
@@ -127,10 +158,16 @@ def refine(coord, factor: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Grid:
-    """A regular lat/lon grid (cell centres, degrees). Either axis may be descending."""
+    """A regular grid of cell centres. Either axis may be descending.
+
+    Without ``mapping``, ``lat``/``lon`` are geographic degrees. With a
+    :class:`~dpdm_diffusers.native_grids.GridMapping`, they are the grid's own row and column axes (rotated degrees,
+    or projection metres/km): ``y``/``x`` name them so, and :meth:`geographic` gives the cells' latitude/longitude.
+    """
 
     lat: np.ndarray
     lon: np.ndarray
+    mapping: GridMapping | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "lat", np.asarray(self.lat, dtype=np.float64))
@@ -152,10 +189,37 @@ class Grid:
 
     @property
     def periodic(self) -> bool:
-        return is_global_lon(self.lon)
+        # a native grid never wraps (a global rotated grid would, but regional models are what use them)
+        return self.mapping is None and is_global_lon(self.lon)
+
+    @property
+    def native(self) -> bool:
+        return self.mapping is not None
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.lat
+
+    @property
+    def x(self) -> np.ndarray:
+        return self.lon
+
+    def geographic(self) -> tuple[np.ndarray, np.ndarray]:
+        """2-D ``(lat, lon)`` of the cell centres in degrees."""
+        if self.mapping is None:
+            return tuple(np.meshgrid(self.lat, self.lon, indexing="ij"))
+        from .native_grids import geographic_centres
+
+        return geographic_centres(self.mapping, self.lat, self.lon)
+
+    def describe(self) -> str:
+        kind = "lat/lon grid" if self.mapping is None else self.mapping.describe()
+        return f"{self.shape[0]}x{self.shape[1]} {kind}"
 
     def refine(self, factor: int) -> Grid:
         lat = refine(self.lat, factor)
+        if self.mapping is not None:
+            return Grid(lat, refine(self.lon, factor), self.mapping)
         if factor > 1 and np.abs(lat).max() > 90 + 1e-6:
             raise ValueError(
                 f"The grid has cells centred on a pole (latitude {self.lat[np.argmax(np.abs(self.lat))]:g}): split "
@@ -172,8 +236,22 @@ class Grid:
 
     @classmethod
     def from_xarray(cls, obj) -> Grid:
+        """The grid of an xarray object: native (its CF grid mapping's axes) or regular lat/lon."""
+        from .native_grids import native_axes
+
+        axes = native_axes(obj)
+        if axes is not None:
+            return cls(obj[axes.y].values, obj[axes.x].values, axes.mapping)
         la, lo = lat_lon_names(obj)
         return cls(obj[la].values, obj[lo].values)
+
+
+def area_weights(grid: Grid) -> np.ndarray:
+    """Relative cell areas ``(ny, nx)`` of a grid: ``cos(lat)`` on lat/lon and rotated grids (in their own latitude),
+    equal on a projected grid (the projection's scale varies a few per cent across a regional domain)."""
+    if grid.mapping is not None and not grid.mapping.rotated:
+        return np.ones(grid.shape)
+    return np.broadcast_to(np.cos(np.deg2rad(grid.lat)).clip(min=0.0)[:, None], grid.shape).copy()
 
 
 def contiguous_longitude(ds, lat_name: str, lon_name: str):

@@ -40,8 +40,10 @@ import xarray as xr
 
 from . import __version__
 from .cf_attrs import clean_cf, output_attrs
+from .grids import grid_dims
 from .io import check_output, is_own_output, netcdf_encoding, output_format, replace_atomically, zarr_encoding
 from .naming import apply_variable_map
+from .native_grids import output_coords
 from .run_store import (
     InputFingerprint,
     OutputLock,
@@ -110,7 +112,7 @@ def run_settings(pipe, low_res: xr.Dataset, *, num_members, num_inference_steps,
         "chunk_size": int(chunk_size), "members": bool(members), "stats": bool(stats),
         "variable_map": dict(variable_map or {}), "variables": sorted(map(str, low_res.data_vars)),
         "time_steps": int(len(times)), "time_first": str(times[0]), "time_last": str(times[-1]),
-        "grid": [int(low_res.sizes["lat"]), int(low_res.sizes["lon"])],
+        "grid": [int(low_res.sizes[d]) for d in grid_dims(low_res)],
         **({"conserve": True} if conserve else {}),
         **{k: v for k, v in (extra or {}).items() if v},
     }
@@ -134,10 +136,12 @@ def _template(pipe, low_res: xr.Dataset, out_names: dict, grid, num_members: int
     ntime = low_res.sizes["time"]
     ny, nx = grid.shape
     cy, cx = min(ny, SPATIAL_CHUNK), min(nx, SPATIAL_CHUNK)
-    coords = {
-        "time": low_res["time"], "lat": xr.Variable("lat", grid.lat, low_res["lat"].attrs),
-        "lon": xr.Variable("lon", grid.lon, low_res["lon"].attrs),
-    }
+    ya, xa = grid_dims(low_res)
+    coords = {"time": low_res["time"]}
+    if grid.mapping is not None:  # native axes, 2-D lat/lon and the grid mapping (native_grids.output_coords)
+        coords.update(output_coords(grid.mapping, ya, xa, grid.y, grid.x, low_res[ya].attrs, low_res[xa].attrs))
+    else:
+        coords.update({ya: xr.Variable(ya, grid.lat, low_res[ya].attrs), xa: xr.Variable(xa, grid.lon, low_res[xa].attrs)})
     if members:
         coords[member_dim] = xr.Variable(member_dim, np.arange(num_members), {"long_name": "ensemble member"})
     for name, c in low_res.coords.items():  # scalar and time-only coordinates carry through (height, forecast_period)
@@ -147,14 +151,17 @@ def _template(pipe, low_res: xr.Dataset, out_names: dict, grid, num_members: int
     for user, model_var in out_names.items():
         units = pipe.config.units[list(pipe.config.variables).index(model_var)]
         base = dict(low_res[user].attrs, units=units)  # the input's cell_methods (e.g. "time: mean") still hold
+        base.pop("coordinates", None)
+        if grid.mapping is not None:
+            base["grid_mapping"] = grid.mapping.name
         if members:
-            data_vars[user] = ((member_dim, "time", "lat", "lon"),
+            data_vars[user] = ((member_dim, "time", ya, xa),
                                da.zeros((num_members, ntime, ny, nx), chunks=(1, chunk_size, cy, cx), dtype="float32"), base)
         if stats:
             for suffix, method, long in (("mean", "mean", "ensemble mean"), ("std", "standard_deviation", "ensemble spread")):
                 a = dict(base, cell_methods=f"{base.get('cell_methods', '')} {member_dim}: {method}".strip(),
                          long_name=f"{base.get('long_name', user)} {long}")
-                data_vars[f"{user}_{suffix}"] = (("time", "lat", "lon"),
+                data_vars[f"{user}_{suffix}"] = (("time", ya, xa),
                                                  da.zeros((ntime, ny, nx), chunks=(chunk_size, cy, cx), dtype="float32"), a)
     return clean_cf(xr.Dataset(data_vars, coords=coords, attrs=attrs))
 
@@ -392,12 +399,13 @@ def _open_store(pipe, low_res: xr.Dataset, store: Path, settings: dict, overwrit
 def _chunk_dataset(out, out_names: Mapping, members: bool, stats: bool, member_dim: str) -> xr.Dataset:
     """A pipeline output as the store's region: float32 data only (coordinates and attributes are in the store)."""
     region = {}
+    ya, xa = grid_dims(out.mean)
     for user in out_names:
         if members:
-            region[user] = out.members[user].transpose(member_dim, "time", "lat", "lon").astype("float32")
+            region[user] = out.members[user].transpose(member_dim, "time", ya, xa).astype("float32")
         if stats:
-            region[f"{user}_mean"] = out.mean[user].transpose("time", "lat", "lon").astype("float32")
-            region[f"{user}_std"] = out.std[user].transpose("time", "lat", "lon").astype("float32")
+            region[f"{user}_mean"] = out.mean[user].transpose("time", ya, xa).astype("float32")
+            region[f"{user}_std"] = out.std[user].transpose("time", ya, xa).astype("float32")
     ds = xr.Dataset(region)
     ds = ds.drop_vars(list(ds.coords))
     for v in ds.data_vars:
@@ -467,5 +475,5 @@ def _renames(layout: Mapping | None) -> bool:
     """Whether ``layout`` differs from the store's own (lat, lon, time ascending)."""
     if not layout:
         return False
-    return any(layout.get(d, d) != d for d in ("lat", "lon", "time")) or bool(
-        layout.get("lat_descending") or layout.get("lon_descending"))
+    return any(layout.get(d, d) != d for d in ("lat", "lon", "y", "x", "time")) or any(
+        layout.get(f"{d}_descending") for d in ("lat", "lon", "y", "x"))

@@ -85,8 +85,8 @@ def array_fingerprint(values) -> str:
 
 
 def coords_fingerprint(ds: xr.Dataset) -> str:
-    """A hash of the input's lat/lon/time coordinate values, its calendar and its time units: another region, other
-    stamps or another calendar of the same shape differ."""
+    """A hash of the input's lat/lon/time coordinate values, its calendar, its time units and its grid mapping: another
+    region, other stamps or another calendar of the same shape differ."""
     h = hashlib.blake2b(digest_size=16)
     for name in sorted(ds.coords):
         c = ds[name]
@@ -98,6 +98,8 @@ def coords_fingerprint(ds: xr.Dataset) -> str:
                  else np.ascontiguousarray(values).tobytes())
         for key in ("calendar", "units"):
             h.update(str(c.encoding.get(key, c.attrs.get(key, ""))).encode())
+        if "grid_mapping_name" in c.attrs:  # the same axes about another pole or origin are another place
+            h.update(repr(sorted((k, str(v)) for k, v in c.attrs.items())).encode())
     return h.hexdigest()
 
 

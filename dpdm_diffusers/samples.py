@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from .grids import is_global_lon
+from .grids import Grid, grid_dims
 from .transforms import Normalizer
 
 if TYPE_CHECKING:  # imported lazily at run time: only the Arrow builder needs it
@@ -100,10 +100,10 @@ class NormalizedFields:
 
     def to_metadata(self) -> dict[str, Any]:
         """Everything needed to rebuild this object from a stored dataset (JSON-serialisable)."""
-        return _metadata(self.normalizer, self.lat, self.lon, list(self.coords), self.metadata)
+        return _metadata(self.normalizer, self.lat, self.lon, list(self.coords), self.metadata, self.periodic)
 
 
-def _metadata(normalizer: Normalizer, lat, lon, sample_dims, extra: Mapping[str, Any]) -> dict[str, Any]:
+def _metadata(normalizer: Normalizer, lat, lon, sample_dims, extra: Mapping[str, Any], periodic: bool) -> dict[str, Any]:
     nz = normalizer
     return {
         "format": FORMAT,
@@ -118,7 +118,7 @@ def _metadata(normalizer: Normalizer, lat, lon, sample_dims, extra: Mapping[str,
         "prediction": nz.prediction,
         "lat": [float(v) for v in lat],
         "lon": [float(v) for v in lon],
-        "periodic": bool(is_global_lon(lon)),
+        "periodic": bool(periodic),
         "sample_dims": list(sample_dims),
         **dict(extra),
     }
@@ -133,12 +133,14 @@ def _crop(a: np.ndarray, y0: int, x0: int, p: int) -> np.ndarray:
 
 
 def _stack_samples(ds: xr.Dataset, variables: Sequence[str]) -> tuple[xr.DataArray, list[str]]:
-    """``(sample, variable, lat, lon)`` view of a Dataset, stacking all non-spatial dims into ``sample``."""
+    """``(sample, variable, lat, lon)`` view of a Dataset (``y``/``x`` on a native grid), stacking all non-spatial dims
+    into ``sample``."""
+    ya, xa = grid_dims(ds)
     arr = ds[list(variables)].to_array("variable")
-    extra = [str(d) for d in arr.dims if d not in ("variable", "lat", "lon")]
-    arr = arr.transpose(*extra, "variable", "lat", "lon")
+    extra = [str(d) for d in arr.dims if d not in ("variable", ya, xa)]
+    arr = arr.transpose(*extra, "variable", ya, xa)
     if extra:
-        return arr.stack(sample=extra).transpose("sample", "variable", "lat", "lon"), extra
+        return arr.stack(sample=extra).transpose("sample", "variable", ya, xa), extra
     return arr.expand_dims("sample"), extra
 
 
@@ -161,6 +163,7 @@ class _Prepared:
     metadata: dict[str, Any]
     lat: np.ndarray
     lon: np.ndarray
+    periodic: bool
 
     def chunks(self, normalizer: Normalizer, chunk_size: int):
         """Yield ``(start, target, lerp)`` model-space blocks of ``chunk_size`` samples (NaN = missing)."""
@@ -199,10 +202,12 @@ def _prepare(high_res, lerp, normalizer: Normalizer, static, metadata) -> _Prepa
         missing = [c for c in channels if c not in static.data_vars]
         if missing:
             raise KeyError(f"Static fields lack {missing}; they hold {sorted(map(str, static.data_vars))}.")
-        st = static[channels].to_array("channel").transpose("channel", "lat", "lon")
-        if st.shape[1:] != (ny, nx) or not (
-            np.allclose(st["lat"].values, high_res["lat"].values)
-            and np.allclose(st["lon"].values, high_res["lon"].values)
+        ya, xa = grid_dims(high_res)
+        sa, so = grid_dims(static)
+        st = static[channels].to_array("channel").transpose("channel", sa, so)
+        if st.shape[1:] != (ny, nx) or Grid.from_xarray(static).mapping != Grid.from_xarray(high_res).mapping or not (
+            np.allclose(st[sa].values, high_res[ya].values)
+            and np.allclose(st[so].values, high_res[xa].values)
         ):
             raise ValueError("Static fields are not on the high-res grid; build them with get_static_fields(grid).")
         with torch.no_grad():
@@ -220,11 +225,9 @@ def _prepare(high_res, lerp, normalizer: Normalizer, static, metadata) -> _Prepa
         "standard_names": [str(high_res[v].attrs.get("standard_name", "")) for v in variables],
     }
     meta.update(metadata or {})
-    return _Prepared(
-        high=h, lerp=l, static=static_z, coords=coords, metadata=meta,
-        lat=np.asarray(high_res["lat"].values, dtype=np.float64),
-        lon=np.asarray(high_res["lon"].values, dtype=np.float64),
-    )
+    grid = Grid.from_xarray(high_res)
+    return _Prepared(high=h, lerp=l, static=static_z, coords=coords, metadata=meta, lat=grid.lat, lon=grid.lon,
+                     periodic=grid.periodic)
 
 
 def normalize_fields(
@@ -259,7 +262,7 @@ def normalize_fields(
         lerp_z[i:i + len(z)] = z
     return NormalizedFields(
         target=target, lerp=lerp_z, static=prep.static, normalizer=normalizer, lat=prep.lat, lon=prep.lon,
-        periodic=is_global_lon(prep.lon), coords=prep.coords, metadata=prep.metadata, loss_mask=loss_mask,
+        periodic=prep.periodic, coords=prep.coords, metadata=prep.metadata, loss_mask=loss_mask,
     )
 
 
@@ -517,7 +520,8 @@ def build_hf_dataset(
     from dask.base import tokenize
 
     prep = _prepare(high_res, lerp, normalizer, static, metadata)
-    meta_json = json.dumps(_metadata(normalizer, prep.lat, prep.lon, list(prep.coords), prep.metadata), sort_keys=True)
+    meta_json = json.dumps(_metadata(normalizer, prep.lat, prep.lon, list(prep.coords), prep.metadata, prep.periodic),
+                           sort_keys=True)
     n, v, ny, nx = prep.high.shape
     c = v + normalizer.num_static
     features = {

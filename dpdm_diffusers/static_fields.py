@@ -15,6 +15,10 @@ cells it overlaps, weighted by overlap area on the sphere (``d(sin lat) * d lon`
 longitude, so any latitude order and either longitude convention (0..360, -180..180) works and global
 means are conserved. Target cells finer than 5 arcmin therefore carry 5-arcmin detail.
 
+On a native grid (rotated pole, a projection: :mod:`dpdm_diffusers.native_grids`) each cell's value is the mean
+over its footprint on Earth: ``k x k`` points spread evenly inside the cell (``k`` so that they lie at most half a
+source cell apart, at most 8) are placed by pyproj and read from the source.
+
 The user's own files (or arrays) can replace either source (``get_static_fields(grid, sources=...)``);
 they are area-averaged when finer than the target and bilinearly interpolated when coarser.
 
@@ -36,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .grids import Grid, interpolate
+from .grids import Grid, grid_dims, interpolate
 
 __all__ = ["STATIC_CHANNELS", "STATIC_ATTRS", "get_static_fields", "area_average", "static_dataset"]
 
@@ -266,18 +270,53 @@ def area_average(values: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
     return out.reshape(*batch, *dst.shape)
 
 
+def footprint_mean(values: np.ndarray, src: Grid, dst: Grid, method: str = "nearest") -> np.ndarray:
+    """Mean of a regular lat/lon field ``values`` over the footprint on Earth of each cell of the native grid ``dst``:
+    ``k x k`` points per cell (:func:`~dpdm_diffusers.native_grids.footprint_points`), ``k`` so that they lie at most
+    half a source cell apart (at most 8), each read from the source by ``method`` (``"nearest"`` for a source of cell
+    means, ``"linear"`` for point values). Points outside the source are NaN, and so is any cell that has one."""
+    from scipy.interpolate import RegularGridInterpolator
+
+    from .native_grids import footprint_points
+
+    if dst.mapping is None or src.mapping is not None:
+        raise ValueError("footprint_mean reads a lat/lon source onto a native (rotated or projected) grid.")
+    step = min(abs(float(np.diff(dst.y[:2])[0])), abs(float(np.diff(dst.x[:2])[0]))) * dst.mapping.axis_scale
+    cell_deg = step if dst.mapping.rotated else step / 111_195.0
+    k = int(np.clip(np.ceil(2 * cell_deg / min(src.dlat, src.dlon)), 1, 8))
+    plat, plon = footprint_points(dst.mapping, dst.y, dst.x, k)
+    slat, slon, v = src.lat, src.lon, np.asarray(values, dtype=np.float64)
+    if slat[0] > slat[-1]:
+        slat, v = slat[::-1], v[::-1]
+    if slon[0] > slon[-1]:
+        slon, v = slon[::-1], v[:, ::-1]
+    plon = slon.min() + np.mod(plon - slon.min(), 360.0)  # face the source's longitude convention
+    if src.periodic:  # one column more at the seam, so points between the last and the first centre are inside
+        slon, v = np.concatenate([slon, [slon[0] + 360.0]]), np.concatenate([v, v[:, :1]], axis=1)
+        plon = np.where(plon < slon[0], plon + 360.0, plon)
+    interp = RegularGridInterpolator((slat, slon), v, method=method, bounds_error=False, fill_value=np.nan)
+    # points within half a cell beyond the outer centres still lie in the outer cells
+    lat_q = np.clip(plat, slat[0], slat[-1]) if src.periodic else np.where(
+        np.abs(np.clip(plat, slat[0], slat[-1]) - plat) <= src.dlat / 2, np.clip(plat, slat[0], slat[-1]), np.nan)
+    lon_q = np.where(np.abs(np.clip(plon, slon[0], slon[-1]) - plon) <= src.dlon / 2, np.clip(plon, slon[0], slon[-1]), np.nan)
+    sampled = interp(np.stack([lat_q.ravel(), lon_q.ravel()], axis=-1)).reshape(plat.shape)
+    ny, nx = dst.shape
+    return sampled.reshape(ny, k, nx, k).mean(axis=(1, 3))
+
+
 # ----------------------------------------------------------------------------------------------
 # public API
 # ----------------------------------------------------------------------------------------------
 @lru_cache(maxsize=64)
-def _packaged_on_grid(name: str, lat_key: bytes, lon_key: bytes) -> np.ndarray:
-    """Area average of a packaged source onto a grid, memoised on the grid's coordinate bytes."""
+def _packaged_on_grid(name: str, lat_key: bytes, lon_key: bytes, mapping=None) -> np.ndarray:
+    """Area average of a packaged source onto a grid, memoised on the grid's coordinate bytes (and mapping)."""
     import hashlib
 
-    grid = Grid(np.frombuffer(lat_key, dtype=np.float64), np.frombuffer(lon_key, dtype=np.float64))
+    grid = Grid(np.frombuffer(lat_key, dtype=np.float64), np.frombuffer(lon_key, dtype=np.float64), mapping)
     # also on disk, per grid: a new process skips reading the 5-arcmin sources (1.2 s for a global N96 grid here;
     # the first ever call also builds the land-count cache, 4 s); the key covers the grid and the package's data
-    digest = hashlib.blake2b(lat_key + lon_key + _SOURCE_VERSION.encode(), digest_size=12).hexdigest()
+    key = lat_key + lon_key + _SOURCE_VERSION.encode() + (_NATIVE_VERSION.encode() + repr(mapping).encode() if mapping is not None else b"")
+    digest = hashlib.blake2b(key, digest_size=12).hexdigest()
     cache = _cache_dir() / "static_on_grid" / f"{name}_{digest}.npy"
     out = None
     try:
@@ -287,7 +326,10 @@ def _packaged_on_grid(name: str, lat_key: bytes, lon_key: bytes) -> np.ndarray:
     except (OSError, ValueError):
         out = None
     if out is None:
-        out = area_average(_LOADERS[name](), _source_grid(), grid).astype(np.float32)
+        if mapping is not None:
+            out = footprint_mean(_LOADERS[name](), _source_grid(), grid).astype(np.float32)
+        else:
+            out = area_average(_LOADERS[name](), _source_grid(), grid).astype(np.float32)
         if name == "land_sea_mask":
             out = np.clip(out, 0.0, 1.0)
         _save_cache(cache, out)
@@ -297,10 +339,20 @@ def _packaged_on_grid(name: str, lat_key: bytes, lon_key: bytes) -> np.ndarray:
 
 # bump when the packaged sources or their averaging change: per-grid caches written before are then not read
 _SOURCE_VERSION = "pvlib-Altitude.h5+global-land-mask/area-average-v1"
+_NATIVE_VERSION = "footprint-mean-v1"  # bump when the footprint averaging on native grids changes
 
 
 def static_dataset(grid: Grid, fields: Mapping[str, np.ndarray], source: Mapping[str, str] | None = None) -> xr.Dataset:
-    """Wrap ``{name: (lat, lon) array}`` as a CF-annotated Dataset on ``grid``."""
+    """Wrap ``{name: (lat, lon) array}`` as a CF-annotated Dataset on ``grid`` (dims ``y``/``x``, 2-D ``lat``/``lon``
+    and the grid mapping on a native grid)."""
+    if grid.mapping is not None:
+        from .native_grids import output_coords
+
+        coords = output_coords(grid.mapping, "y", "x", grid.y, grid.x)
+        return xr.Dataset({name: xr.DataArray(np.asarray(v, dtype=np.float32), dims=("y", "x"),
+                                              attrs={**STATIC_ATTRS.get(name, {}), "grid_mapping": grid.mapping.name,
+                                                     **({"source": source[name]} if source and name in source else {})})
+                           for name, v in fields.items()}, coords=coords)
     coords = {
         "lat": xr.DataArray(grid.lat, dims="lat", attrs={"units": "degrees_north", "standard_name": "latitude"}),
         "lon": xr.DataArray(grid.lon, dims="lon", attrs={"units": "degrees_east", "standard_name": "longitude"}),
@@ -346,11 +398,12 @@ def _user_field(source, name: str, grid: Grid, rename: Mapping[str, str] | None 
 
     obj = open_dataset(source, regular_grid=regular_grid) if isinstance(source, (str, os.PathLike)) else source
     da = standardize(_pick_variable(obj, name, rename), regular_grid=regular_grid)
-    extra = [d for d in da.dims if d not in ("lat", "lon")]
+    ya, xa = grid_dims(da)
+    extra = [d for d in da.dims if d not in (ya, xa)]
     for d in extra:  # invariant fields often carry a length-1 time axis
         if da.sizes[d] != 1:
             raise ValueError(f"Static {name} has a non-singleton dimension {d!r} ({da.sizes[d]}).")
-    da = da.squeeze(extra, drop=True).transpose("lat", "lon")
+    da = da.squeeze(extra, drop=True).transpose(ya, xa)
     values = np.asarray(da.values, dtype=np.float64)
     units = str(da.attrs.get("units", "")).replace(" ", "").replace("**", "").lower()
     if name == "topography":
@@ -368,11 +421,21 @@ def _user_field(source, name: str, grid: Grid, rename: Mapping[str, str] | None 
                 f"Land-sea mask values span {values.min():.3g} .. {values.max():.3g}; expected a land fraction "
                 "in [0, 1] (1 = land). Set units='%' for percentages."
             )
-    src = Grid(da["lat"].values, da["lon"].values)
-    if src.dlat < grid.dlat * 0.999 or src.dlon < grid.dlon * 0.999:
-        out = area_average(values, src, grid)
+    src = Grid.from_xarray(da)
+    if src.mapping is None and grid.mapping is None:
+        if src.dlat < grid.dlat * 0.999 or src.dlon < grid.dlon * 0.999:
+            out = area_average(values, src, grid)
+        else:
+            out = interpolate(values, src, grid, method="bilinear")
+    elif src.mapping is None:  # a lat/lon file (ERA5 `z`, CMIP `orog`) for a rotated or projected target
+        out = footprint_mean(values, src, grid, method="linear")
+    elif src.mapping == grid.mapping:  # on the target's own grid (or another resolution of it)
+        same = src.shape == grid.shape and np.allclose(src.y, grid.y, atol=1e-3 * grid.dlat) and np.allclose(
+            src.x, grid.x, atol=1e-3 * grid.dlon)
+        out = values if same else interpolate(values, src, grid, method="bilinear")
     else:
-        out = interpolate(values, src, grid, method="bilinear")
+        raise ValueError(f"The {name} file is on a {src.describe()}, the target on a {grid.describe()}: give it on "
+                         "the target's grid, or on a regular lat/lon grid (it is then averaged over each cell).")
     if np.isnan(out).any():
         raise ValueError(f"The {name} source does not cover the whole target grid.")
     return out
@@ -424,6 +487,7 @@ def get_static_fields(
         else:
             key = (np.ascontiguousarray(grid.lat, np.float64).tobytes(),
                    np.ascontiguousarray(grid.lon, np.float64).tobytes())
-            fields[name] = _packaged_on_grid(name, *key).copy()
-            origin[name] = _SOURCES[name][2] + ", area-averaged onto this grid"
+            fields[name] = _packaged_on_grid(name, *key, grid.mapping).copy()
+            how = "averaged over each cell's footprint" if grid.mapping is not None else "area-averaged onto this grid"
+            origin[name] = f"{_SOURCES[name][2]}, {how}"
     return static_dataset(grid, fields, origin)

@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from . import data
-from .grids import Grid
+from .grids import Grid, grid_dims
 from .naming import COORD_LIKE, apply_variable_map
 from .units import require_units
 
@@ -97,6 +97,12 @@ def check_time_selections(times: xr.DataArray, train: dict, validation: dict | N
 def box_indices(grid: Grid, scale_factor: int, lat_box, lon_box) -> tuple[slice, slice]:
     """Fine-grid index slices of the whole coarse cells whose centres lie inside ``lat_box``/``lon_box``."""
     coarse = data.coarse_grid(grid, scale_factor)
+    if coarse.mapping is not None:  # native grid: the block of coarse cells holding every centre inside the box
+        from .native_grids import box_slices
+
+        rows, cols = box_slices(*coarse.geographic(), lat_box or None, lon_box or None)
+        return (slice(rows.start * scale_factor, rows.stop * scale_factor),
+                slice(cols.start * scale_factor, cols.stop * scale_factor))
     out = []
     for coord, box, name in ((coarse.lat, lat_box, "lat"), (coarse.lon, lon_box, "lon")):
         if not box:
@@ -152,7 +158,7 @@ def load_region(
     if lat_box or lon_box:
         hr = data.select_box(hr, lat=tuple(lat_box) if lat_box else None, lon=tuple(lon_box) if lon_box else None)
     if variables is None:
-        names = [str(v) for v in hr.data_vars if str(v) not in COORD_LIKE and {"lat", "lon"} <= set(hr[v].dims)]
+        names = [str(v) for v in hr.data_vars if str(v) not in COORD_LIKE and set(grid_dims(hr)) <= set(hr[v].dims)]
         hr, _ = apply_variable_map(hr[names], variable_map)
         variables = list(map(str, hr.data_vars))
     else:
@@ -162,11 +168,12 @@ def load_region(
         require_units(hr[v], v, (units or {}).get(v))
     if units:
         hr = data.convert_to_units(hr, {v: units[v] for v in variables if v in units})
-    ny, nx = hr.sizes["lat"], hr.sizes["lon"]
+    ya, xa = grid_dims(hr)
+    ny, nx = hr.sizes[ya], hr.sizes[xa]
     hr = data.trim_to_multiple(hr, scale_factor)
-    if hr.sizes["lat"] != ny or hr.sizes["lon"] != nx:
+    if hr.sizes[ya] != ny or hr.sizes[xa] != nx:
         logger.warning("trimmed the %dx%d high-res grid to %dx%d, a multiple of the scale factor %d (dropped the "
-                       "last rows/columns)", ny, nx, hr.sizes["lat"], hr.sizes["lon"], scale_factor)
+                       "last rows/columns)", ny, nx, hr.sizes[ya], hr.sizes[xa], scale_factor)
     lr = None
     if low_res is not None:
         lr = low_res if isinstance(low_res, xr.Dataset) else data.open_dataset(low_res, regular_grid=regular_grid)
@@ -241,15 +248,16 @@ def validation_inputs(region: RegionData, max_samples: int | None = None):
         return None
     pairs, static, s = region.pairs, region.static, region.pairs.scale_factor
     low, truth = pairs.low_res.sel(**region.validation), pairs.high_res.sel(**region.validation)
+    ya, xa = grid_dims(truth)
     if region.validation_box is not None:
         ys, xs = region.validation_box
-        truth = truth.isel(lat=ys, lon=xs)
-        low = low.isel(lat=slice(ys.start // s, ys.stop // s), lon=slice(xs.start // s, xs.stop // s))
-        static = None if static is None else static.isel(lat=ys, lon=xs)
-    dims = [d for d in low[list(low.data_vars)[0]].dims if d not in ("lat", "lon")]
+        truth = truth.isel({ya: ys, xa: xs})
+        low = low.isel({ya: slice(ys.start // s, ys.stop // s), xa: slice(xs.start // s, xs.stop // s)})
+        static = None if static is None else static.isel({ya: ys, xa: xs})
+    dims = [d for d in low[list(low.data_vars)[0]].dims if d not in (ya, xa)]
     if dims:
         def flat(ds):
-            ds = ds.stack(sample=dims).drop_vars(["sample", *dims], errors="ignore").transpose("sample", "lat", "lon")
+            ds = ds.stack(sample=dims).drop_vars(["sample", *dims], errors="ignore").transpose("sample", ya, xa)
             return ds.isel(sample=slice(0, max_samples))
 
         low, truth = flat(low), flat(truth)

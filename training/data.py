@@ -75,7 +75,9 @@ def load_pairs(cfg: TrainingConfig, units: dict | None = None):
 
 def _num_fields(ds) -> int:
     """2-D fields in ``ds``: the product of its non-spatial sizes (ensemble members x time steps...)."""
-    return int(np.prod([n for d, n in ds.sizes.items() if d not in ("lat", "lon")]))
+    from dpdm_diffusers.grids import grid_dims
+
+    return int(np.prod([n for d, n in ds.sizes.items() if d not in grid_dims(ds)]))
 
 
 def outside_box(shape: tuple[int, int], box: tuple[slice, slice] | None) -> np.ndarray | None:
@@ -127,8 +129,10 @@ def build_statistics(cfg, pairs, static, train, base_config=None, exclude_box=No
     if keep is not None:
         import xarray as xr
 
-        mask = xr.DataArray(keep, dims=("lat", "lon"),
-                            coords={"lat": pairs.high_res["lat"], "lon": pairs.high_res["lon"]})
+        from dpdm_diffusers.grids import grid_dims
+
+        ya, xa = grid_dims(pairs.high_res)
+        mask = xr.DataArray(keep, dims=(ya, xa), coords={ya: pairs.high_res[ya], xa: pairs.high_res[xa]})
     stats = compute_statistics(
         pairs.high_res, pairs.lerp(cfg.interpolation), variables=list(pairs.high_res.data_vars),
         transforms=cfg.transforms or None, train=train or None, static=static,

@@ -1,0 +1,289 @@
+"""Grids regular in their own coordinates: rotated pole (CORDEX, UKCP) and projections (Lambert conformal, polar
+stereographic; WRF, CORDEX ML-Bench), described by a CF ``grid_mapping`` variable.
+
+One job: read what the CF metadata says about a grid and say where its cells lie on Earth. The coordinate reference
+system is pyproj's (``pyproj.CRS.from_cf``), never hand-written projection maths. Such a grid is regular in its own
+axes (rotated degrees, or projection metres), so everything that works on index grids (tiling, interpolation of the
+coarse field, block means) works on it unchanged; only what needs geography (static fields, area weights, output
+``lat``/``lon``) asks :class:`GridMapping` for it.
+
+Inside the data layer the native axes are called ``y``/``x`` (``lat``/``lon`` are only ever geographic); output
+gives back the file's own names, its ``grid_mapping`` variable and 2-D ``lat``/``lon`` auxiliary coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+# CF standard names of the native axes, then common dim names of files that leave them out
+Y_STANDARD_NAMES = ("grid_latitude", "projection_y_coordinate")
+X_STANDARD_NAMES = ("grid_longitude", "projection_x_coordinate")
+Y_NAMES = ("rlat", "y", "grid_latitude", "south_north", "projection_y_coordinate")
+X_NAMES = ("rlon", "x", "grid_longitude", "west_east", "projection_x_coordinate")
+# (metres per unit) of projected axes; rotated axes are degrees
+_LENGTH_UNITS = {"m": 1.0, "meter": 1.0, "metre": 1.0, "meters": 1.0, "metres": 1.0, "km": 1000.0,
+                 "kilometer": 1000.0, "kilometre": 1000.0, "kilometers": 1000.0, "kilometres": 1000.0}
+LAT_ATTRS = {"standard_name": "latitude", "units": "degrees_north", "long_name": "latitude"}
+LON_ATTRS = {"standard_name": "longitude", "units": "degrees_east", "long_name": "longitude"}
+
+
+def _hashable(value):
+    if isinstance(value, np.ndarray):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass(frozen=True)
+class GridMapping:
+    """A CF grid mapping: how a grid regular in its own coordinates lies on Earth.
+
+    Args:
+        name: the grid-mapping variable's name in the file (e.g. ``"rotated_latitude_longitude"``, ``"crs"``).
+        attrs: its CF attributes, as sorted ``(key, value)`` pairs (hashable, so grids can be cache keys).
+        axis_scale: metres per unit of the projection axes (1 for metres, 1000 for km); 1 for rotated degrees.
+    """
+
+    name: str
+    attrs: tuple
+    axis_scale: float = 1.0
+
+    @classmethod
+    def from_attrs(cls, name: str, attrs, axis_units: str = "") -> GridMapping:
+        items = tuple(sorted((str(k), _hashable(v)) for k, v in dict(attrs).items()
+                             if not str(k).startswith("_") and k != "crs_wkt"))
+        mapping = cls(str(name), items, 1.0)
+        if not mapping.rotated:
+            unit = str(axis_units or "m").strip().lower()
+            if unit not in _LENGTH_UNITS:
+                raise ValueError(f"Projection axes in {axis_units!r}: expected metres or km (CF units of "
+                                 f"projection_x_coordinate), for the {mapping.kind!r} grid mapping {name!r}.")
+            mapping = cls(str(name), items, _LENGTH_UNITS[unit])
+        mapping.crs  # noqa: B018 - read it now: a mapping pyproj cannot read is refused at once, by name
+        return mapping
+
+    @property
+    def kind(self) -> str:
+        return str(dict(self.attrs).get("grid_mapping_name", ""))
+
+    @property
+    def rotated(self) -> bool:
+        return self.kind == "rotated_latitude_longitude"
+
+    @property
+    def crs(self):
+        return _crs(self)
+
+    def to_geographic(self, y, x) -> tuple[np.ndarray, np.ndarray]:
+        """Geographic ``(lat, lon)`` in degrees (longitude -180..180) of native points ``(y, x)``."""
+        forward, _ = _transformers(self)
+        lon, lat = forward.transform(np.asarray(x, np.float64) * self.axis_scale, np.asarray(y, np.float64) * self.axis_scale)
+        return np.asarray(lat), (np.asarray(lon) + 180.0) % 360.0 - 180.0
+
+    def from_geographic(self, lat, lon) -> tuple[np.ndarray, np.ndarray]:
+        """Native ``(y, x)`` of geographic points; rotated longitudes are given in -180..180."""
+        _, inverse = _transformers(self)
+        x, y = inverse.transform(np.asarray(lon, np.float64), np.asarray(lat, np.float64))
+        return np.asarray(y) / self.axis_scale, np.asarray(x) / self.axis_scale
+
+    def variable(self):
+        """The grid-mapping variable for output (a scalar int with the CF attributes, as CF writes it)."""
+        import xarray as xr
+
+        attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.attrs}
+        return xr.Variable((), np.int32(0), attrs)
+
+    def describe(self) -> str:
+        return f"{self.kind} grid (grid_mapping {self.name!r})"
+
+
+@lru_cache(maxsize=32)
+def _crs(mapping: GridMapping):
+    import pyproj
+
+    attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in mapping.attrs}
+    try:
+        return pyproj.CRS.from_cf(attrs)
+    except pyproj.exceptions.CRSError as err:
+        raise ValueError(
+            f"The CF grid mapping {mapping.name!r} ({mapping.kind or 'no grid_mapping_name'}) cannot be read by pyproj: "
+            f"{err}. Check its attributes against the CF conventions (appendix F), or regrid the data to a regular "
+            "lat/lon grid first.") from None
+
+
+@lru_cache(maxsize=32)
+def _transformers(mapping: GridMapping):
+    import pyproj
+
+    crs = mapping.crs
+    # the base geographic CRS (a rotated pole's `geodetic_crs` is the rotated one itself: no transform at all)
+    geographic = crs.source_crs or crs.geodetic_crs
+    return (pyproj.Transformer.from_crs(crs, geographic, always_xy=True),
+            pyproj.Transformer.from_crs(geographic, crs, always_xy=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# reading CF metadata
+# ----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NativeAxes:
+    """What a file's CF metadata says about a native grid: its axis dims and its mapping."""
+
+    y: str
+    x: str
+    mapping: GridMapping
+
+
+def _mapping_variable(obj) -> str | None:
+    """Name of the grid-mapping variable the data variables point to (or, when their ``grid_mapping`` attribute
+    was lost on the way, the one variable that carries ``grid_mapping_name``)."""
+    variables = list(obj.data_vars.values()) if hasattr(obj, "data_vars") else [obj]
+    for var in variables:
+        ref = var.attrs.get("grid_mapping") or var.encoding.get("grid_mapping")
+        if ref:
+            return str(ref).split(":")[0].split()[0]  # CF also allows "name: coord1 coord2"
+    carriers = [str(k) for k, v in obj.variables.items() if "grid_mapping_name" in v.attrs]
+    if hasattr(obj, "coords"):
+        carriers += [str(k) for k, v in obj.coords.items() if "grid_mapping_name" in v.attrs and str(k) not in carriers]
+    return carriers[0] if carriers else None
+
+
+def _axis(obj, standard_names, names, axis: str) -> str | None:
+    for d in obj.dims:
+        if d in obj.coords and (obj[d].attrs.get("standard_name") in standard_names or obj[d].attrs.get("axis") == axis):
+            return str(d)
+    for n in names:
+        if n in obj.dims:
+            return n
+    return None
+
+
+def native_axes(obj) -> NativeAxes | None:
+    """The native axes and mapping of a grid described by a CF ``grid_mapping`` (``None`` for lat/lon data).
+
+    Raises ``ValueError`` naming the grid when a mapping is declared but cannot work: its variable is missing, pyproj
+    cannot read it, or the data have no 1-D axes regular in its coordinates (a curvilinear grid).
+    """
+    name = _mapping_variable(obj)
+    if name is None:
+        return None
+    holder = obj.variables if name in getattr(obj, "variables", {}) else obj.coords
+    if name not in holder:
+        raise ValueError(f"The data point to the CF grid mapping {name!r}, but no variable of that name is present: "
+                         "keep it when selecting variables (e.g. open the whole file, or ds[[var, {name!r}]]).")
+    attrs = dict(holder[name].attrs)
+    kind = attrs.get("grid_mapping_name", "")
+    if kind in ("latitude_longitude", ""):
+        return None
+    y = _axis(obj, Y_STANDARD_NAMES, Y_NAMES, "Y")
+    x = _axis(obj, X_STANDARD_NAMES, X_NAMES, "X")
+    if y is None or x is None or y not in obj.coords or x not in obj.coords or obj[y].ndim != 1 or obj[x].ndim != 1:
+        raise ValueError(
+            f"The data are on a {kind!r} grid (grid_mapping {name!r}) but have no 1-D {'x' if y else 'y'} axis in its "
+            f"coordinates (dims {tuple(obj.dims)}): a curvilinear grid that is not regular in any coordinates. "
+            "Regrid it to a regular lat/lon or projected grid first (e.g. xESMF or pyresample).")
+    units = str(obj[x].attrs.get("units", ""))
+    return NativeAxes(y, x, GridMapping.from_attrs(name, attrs, units))
+
+
+def has_native_grid(obj) -> bool:
+    try:
+        return native_axes(obj) is not None
+    except ValueError:
+        return True
+
+
+# ----------------------------------------------------------------------------------------------
+# geography of a native grid
+# ----------------------------------------------------------------------------------------------
+def geographic_centres(mapping: GridMapping, y, x) -> tuple[np.ndarray, np.ndarray]:
+    """2-D ``(lat, lon)`` of the cell centres of the grid with 1-D axes ``y``, ``x``."""
+    yy, xx = np.meshgrid(np.asarray(y, np.float64), np.asarray(x, np.float64), indexing="ij")
+    return mapping.to_geographic(yy, xx)
+
+
+def footprint_points(mapping: GridMapping, y, x, per_cell: int) -> tuple[np.ndarray, np.ndarray]:
+    """Geographic ``(lat, lon)`` of ``per_cell x per_cell`` evenly spread points inside each cell, shaped
+    ``(ny, per_cell, nx, per_cell)``: the quadrature of an area average over each cell's footprint on Earth
+    (a cell's points stand for equal native areas; conformal maps keep that to the scale factor's variation across
+    one cell)."""
+    from .grids import refine
+
+    return geographic_centres(mapping, refine(y, per_cell), refine(x, per_cell))
+
+
+def check_geographic_coords(obj, axes: NativeAxes, tolerance_cells: float = 0.5) -> None:
+    """Where a file also carries 2-D ``lat``/``lon``, they must be where its grid mapping puts the cells: a
+    mapping with the wrong pole or origin would otherwise put the static fields (and the result) elsewhere."""
+    names = [(a, b) for a, b in (("lat", "lon"), ("latitude", "longitude"), ("nav_lat", "nav_lon"))
+             if a in obj.coords and b in obj.coords and obj[a].ndim == 2]
+    if not names:
+        return
+    la, lo = names[0]
+    lat2 = obj[la].transpose(axes.y, axes.x).values
+    lon2 = obj[lo].transpose(axes.y, axes.x).values
+    # compare a sparse sample of points (the corners and the middle): pyproj on every point of a large grid is slow
+    ny, nx = lat2.shape
+    iy = np.unique([0, ny // 2, ny - 1])
+    ix = np.unique([0, nx // 2, nx - 1])
+    y = np.asarray(obj[axes.y].values, np.float64)[iy]
+    x = np.asarray(obj[axes.x].values, np.float64)[ix]
+    lat, lon = geographic_centres(axes.mapping, y, x)
+    got_lat, got_lon = lat2[np.ix_(iy, ix)], lon2[np.ix_(iy, ix)]
+    dlon = np.abs((got_lon - lon + 180.0) % 360.0 - 180.0) * np.cos(np.deg2rad(lat))
+    err_deg = float(np.nanmax(np.hypot(got_lat - lat, dlon)))
+    # one cell in degrees of arc (a projected step in metres over the metres in a degree)
+    step = np.abs(np.diff(np.asarray(obj[axes.x].values[:2], np.float64)))[0] * axes.mapping.axis_scale
+    cell_deg = step if axes.mapping.rotated else step / 111_195.0
+    if err_deg > tolerance_cells * cell_deg + 1e-3:
+        raise ValueError(
+            f"The file's 2-D {la}/{lo} disagree with its grid mapping {axes.mapping.name!r} ({axes.mapping.kind}) by "
+            f"up to {err_deg:.3g} degrees (a cell is about {cell_deg:.3g}): the mapping's parameters (pole, origin, "
+            "standard parallels) or the axis units are wrong. Fix the grid_mapping attributes.")
+
+
+def axis_attrs(mapping: GridMapping, axis: str) -> dict:
+    """CF attributes of a native axis (``axis`` ``"y"`` or ``"x"``) for grids built here."""
+    if mapping.rotated:
+        return {"standard_name": "grid_latitude" if axis == "y" else "grid_longitude", "units": "degrees",
+                "axis": axis.upper()}
+    return {"standard_name": f"projection_{axis}_coordinate", "units": "m" if mapping.axis_scale == 1 else "km",
+            "axis": axis.upper()}
+
+
+def box_slices(lat2, lon2, lat=None, lon=None) -> tuple[slice, slice]:
+    """Row and column slices of the smallest block of cells holding every cell whose centre (2-D ``lat2``/``lon2``)
+    lies in the box ``lat=(south, north)``, ``lon=(west, east)`` (read eastwards from ``west``, any convention)."""
+    inside = np.ones(np.shape(lat2), dtype=bool)
+    if lat is not None:
+        south, north = sorted(float(v) for v in lat)
+        inside &= (lat2 >= south - 1e-9) & (lat2 <= north + 1e-9)
+    if lon is not None:
+        west, east = float(lon[0]), float(lon[1])
+        inside &= ((lon2 - west) % 360.0) <= ((east - west) % 360.0 or 360.0) + 1e-9
+    rows, cols = np.nonzero(inside.any(axis=1))[0], np.nonzero(inside.any(axis=0))[0]
+    if rows.size == 0 or cols.size == 0:
+        raise ValueError(f"The box lat={lat}, lon={lon} holds no cell centre of the grid (it spans lat "
+                         f"{np.min(lat2):.4g} .. {np.max(lat2):.4g}, lon {np.min(lon2):.4g} .. {np.max(lon2):.4g}).")
+    return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
+
+
+def output_coords(mapping: GridMapping, y_name: str, x_name: str, y, x, y_attrs=None, x_attrs=None) -> dict:
+    """Coordinates of a native grid for output: the 1-D axes with their attributes, 2-D geographic ``lat``/``lon``
+    (CF auxiliary coordinates) and the grid-mapping variable, so CF tools read the result as they read the input."""
+    import xarray as xr
+
+    lat, lon = geographic_centres(mapping, y, x)
+    return {
+        y_name: xr.Variable(y_name, np.asarray(y, np.float64), dict(y_attrs or axis_attrs(mapping, "y"))),
+        x_name: xr.Variable(x_name, np.asarray(x, np.float64), dict(x_attrs or axis_attrs(mapping, "x"))),
+        "lat": xr.Variable((y_name, x_name), lat, dict(LAT_ATTRS)),
+        "lon": xr.Variable((y_name, x_name), lon, dict(LON_ATTRS)),
+        mapping.name: mapping.variable(),
+    }
