@@ -62,6 +62,46 @@ def _ints(text: str) -> list[int]:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from err
 
 
+def _static_option(items: list[str]):
+    """``--static`` of dpdm downscale: one path (every channel) or ``channel=path`` items; ``None`` for none."""
+    from dpdm_diffusers.data import parse_mapping
+
+    if not items:
+        return None
+    if len(items) == 1 and "=" not in items[0]:
+        path = Path(items[0])
+        if not path.exists():
+            raise typer.BadParameter(f"{path} does not exist.", param_hint="--static")
+        return path
+    mapping = parse_mapping(items)
+    missing = [p for p in mapping.values() if not Path(p).exists()]
+    if missing:
+        raise typer.BadParameter(f"{missing[0]} does not exist.", param_hint="--static")
+    return mapping
+
+
+@app.command()
+def regrid(
+    input: Path = typer.Argument(..., exists=True, help="Regular lat/lon netCDF file or zarr store (a GCM or reanalysis)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Output .nc or .zarr, on the target's coarse native grid."),
+    like: Path = typer.Option(..., "--like", exists=True, help="A file on the rotated or projected target grid (CF grid_mapping), e.g. your high-res data."),
+    scale_factor: int = typer.Option(1, min=1, help="How many times coarser than --like's grid the output is: the model's scale factor when --like is the fine grid."),
+    method: str = typer.Option("bilinear", help="bilinear | conservative (cell footprint means; precipitation, finer sources)."),
+    variables: str | None = typer.Option(None, help="Comma-separated variables to keep (default all)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing output."),
+):
+    """Put a regular lat/lon field on the coarse native grid (rotated pole, Lambert, polar stereographic) of a
+    regional target, so that `dpdm downscale` of the result lands on the target's grid."""
+    from dpdm_diffusers.workflows import regrid_file
+
+    try:
+        path = regrid_file(input, output, like, scale_factor=scale_factor, method=method,
+                           variables=_items(variables) or None, overwrite=overwrite)
+    except (KeyError, ValueError, FileExistsError, PermissionError) as err:
+        raise typer.BadParameter(str(err).strip("'\"")) from None
+    typer.echo(f"wrote {path}")
+
+
 @app.command()
 def downscale(
     input: Path = typer.Argument(..., exists=True, help="Low-res netCDF file or zarr store (any record length)."),
@@ -78,7 +118,9 @@ def downscale(
                                                  help="Tiles per UNet call, a speed/memory knob (default: 16 on CPU, 256 on a GPU); --batch-size is its old name."),
     conserve: bool = typer.Option(False, "--conserve/--no-conserve",
                                   help="Make every member coarsen back to the input exactly (inputs that are block means of the target)."),
-    static: Path | None = typer.Option(None, exists=True, help="Static fields file, any regular grid (default: packaged)."),
+    static: list[str] = typer.Option([], "--static", help="Static fields: one file with every channel, or a file per "
+                                     "channel, e.g. topography=orog.nc (others packaged); any regular lat/lon grid, or "
+                                     "the output's own rotated/projected grid."),
     variable: list[str] = typer.Option([], "--variable", help="Your variable name = the model's, e.g. air_temperature=surface_temperature."),
     static_map: list[str] = typer.Option([], "--static-map", help="Variable name in the --static file = channel, e.g. orog=topography."),
     device: str = typer.Option("auto", help="auto (this process's accelerator, else cpu), cpu, cuda, cuda:1 ..."),
@@ -117,7 +159,8 @@ def downscale(
         res = downscale_file(
             input, output, model=model, num_members=members, num_inference_steps=steps, scheduler=scheduler, seed=seed,
             chunk_size=chunk_size, write_members=write_members, stats=stats, tiles_per_call=tiles_per_call,
-            conserve=conserve, static=static, variable_map=parse_mapping(variable), static_map=parse_mapping(static_map),
+            conserve=conserve, static=_static_option(static), variable_map=parse_mapping(variable),
+            static_map=parse_mapping(static_map),
             device=device, dtype=dtype, channels_last=channels_last, compile=compile, threads=threads,
             overwrite=overwrite, progress=not quiet, noise_time_correlation=noise_time_correlation)
     except (KeyError, ValueError, FileExistsError, PermissionError) as err:  # bad input: the message, not a traceback

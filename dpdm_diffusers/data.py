@@ -256,14 +256,16 @@ def _standardize_native(obj, axes: NativeAxes):
     """:func:`standardize` for a grid with a CF grid mapping: axes ``y``/``x`` ascending and exactly regular (float32
     jitter removed), the mapping variable a coordinate, the 2-D lat/lon checked against it and dropped."""
     check_geographic_coords(obj, axes)
-    drop = [n for n in _GEOGRAPHIC_2D if n in obj.variables and obj[n].ndim == 2]
+    names = obj.variables if isinstance(obj, xr.Dataset) else obj.coords
+    drop = [n for n in _GEOGRAPHIC_2D if n in names and obj[n].ndim == 2]
     obj = obj.drop_vars(drop)
     if isinstance(obj, xr.Dataset) and axes.mapping.name in obj.data_vars:
         obj = obj.set_coords(axes.mapping.name)
     rename = {a: b for a, b in ((axes.y, "y"), (axes.x, "x")) if a != b}
     if "time" not in obj.dims:
         rename.update({t: "time" for t in _TIME_ALIASES[:1] if t in obj.dims})
-    clash = [new for new in rename.values() if new in obj.variables and new not in obj.dims]
+    names = obj.variables if isinstance(obj, xr.Dataset) else obj.coords
+    clash = [new for new in rename.values() if new in names and new not in obj.dims]
     obj = obj.drop_vars(clash).rename(rename)
     for d in ("y", "x"):
         v = np.asarray(obj[d].values)

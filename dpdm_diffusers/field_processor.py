@@ -172,6 +172,8 @@ class FieldProcessor:
         else:
             raise TypeError(
                 f"low_res must be an xarray Dataset/DataArray, a torch.Tensor or a numpy array, got {type(low_res)}.")
+        # a grid-mapping variable is metadata of the grid, not a field (xarray reads it as a data variable)
+        ds = ds.set_coords([k for k, v in ds.data_vars.items() if "grid_mapping_name" in v.attrs])
         ds, rename_back = apply_variable_map(ds, variable_map, variables, exact=True)
         axes = native_axes(ds)
         if axes is not None:  # rotated pole or a projection: tiles on its own axes, never wrapped

@@ -140,6 +140,11 @@ class NativeAxes:
     mapping: GridMapping
 
 
+def _variables(obj) -> dict:
+    """Every variable of a Dataset; the coordinates of a DataArray (where its grid mapping travels)."""
+    return dict(obj.variables) if hasattr(obj, "data_vars") else dict(obj.coords)
+
+
 def _mapping_variable(obj) -> str | None:
     """Name of the grid-mapping variable the data variables point to (or, when their ``grid_mapping`` attribute
     was lost on the way, the one variable that carries ``grid_mapping_name``)."""
@@ -148,15 +153,14 @@ def _mapping_variable(obj) -> str | None:
         ref = var.attrs.get("grid_mapping") or var.encoding.get("grid_mapping")
         if ref:
             return str(ref).split(":")[0].split()[0]  # CF also allows "name: coord1 coord2"
-    carriers = [str(k) for k, v in obj.variables.items() if "grid_mapping_name" in v.attrs]
-    if hasattr(obj, "coords"):
-        carriers += [str(k) for k, v in obj.coords.items() if "grid_mapping_name" in v.attrs and str(k) not in carriers]
+    carriers = [str(k) for k, v in _variables(obj).items() if "grid_mapping_name" in v.attrs]
     return carriers[0] if carriers else None
 
 
-def _axis(obj, standard_names, names, axis: str) -> str | None:
+def _axis(obj, standard_names, names, axis: str | None = None) -> str | None:
     for d in obj.dims:
-        if d in obj.coords and (obj[d].attrs.get("standard_name") in standard_names or obj[d].attrs.get("axis") == axis):
+        attrs = obj[d].attrs if d in obj.coords else {}
+        if attrs.get("standard_name") in standard_names or (axis is not None and attrs.get("axis") == axis):
             return str(d)
     for n in names:
         if n in obj.dims:
@@ -173,8 +177,10 @@ def native_axes(obj) -> NativeAxes | None:
     name = _mapping_variable(obj)
     if name is None:
         return None
-    holder = obj.variables if name in getattr(obj, "variables", {}) else obj.coords
+    holder = _variables(obj)
     if name not in holder:
+        if _axis(obj, Y_STANDARD_NAMES, Y_NAMES) is None:
+            return None  # a lat/lon DataArray whose (latitude_longitude) mapping stayed in its Dataset
         raise ValueError(f"The data point to the CF grid mapping {name!r}, but no variable of that name is present: "
                          "keep it when selecting variables (e.g. open the whole file, or ds[[var, {name!r}]]).")
     attrs = dict(holder[name].attrs)
@@ -185,9 +191,10 @@ def native_axes(obj) -> NativeAxes | None:
     x = _axis(obj, X_STANDARD_NAMES, X_NAMES, "X")
     if y is None or x is None or y not in obj.coords or x not in obj.coords or obj[y].ndim != 1 or obj[x].ndim != 1:
         raise ValueError(
-            f"The data are on a {kind!r} grid (grid_mapping {name!r}) but have no 1-D {'x' if y else 'y'} axis in its "
-            f"coordinates (dims {tuple(obj.dims)}): a curvilinear grid that is not regular in any coordinates. "
-            "Regrid it to a regular lat/lon or projected grid first (e.g. xESMF or pyresample).")
+            f"The data are on a {kind!r} grid (grid_mapping {name!r}) but have no 1-D axes in its coordinates among "
+            f"dims {tuple(obj.dims)}. Name them as CF does (standard_name grid_latitude/grid_longitude or "
+            "projection_y_coordinate/projection_x_coordinate, with their values); a curvilinear grid that is regular in "
+            "no coordinates must be regridded to a regular lat/lon or projected grid first (e.g. xESMF or pyresample).")
     units = str(obj[x].attrs.get("units", ""))
     return NativeAxes(y, x, GridMapping.from_attrs(name, attrs, units))
 
@@ -197,6 +204,15 @@ def has_native_grid(obj) -> bool:
         return native_axes(obj) is not None
     except ValueError:
         return True
+
+
+def native_grid(attrs, y, x, name: str = "crs", axis_units: str = "m"):
+    """A :class:`~dpdm_diffusers.grids.Grid` regular in the coordinates of the CF grid mapping ``attrs`` (e.g. a
+    Lambert conformal domain built for a benchmark): ``y``/``x`` are its cell centres, in degrees for a rotated pole
+    and ``axis_units`` (metres or km) for a projection."""
+    from .grids import Grid
+
+    return Grid(np.asarray(y, np.float64), np.asarray(x, np.float64), GridMapping.from_attrs(name, attrs, axis_units))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -369,6 +369,8 @@ def static_dataset(grid: Grid, fields: Mapping[str, np.ndarray], source: Mapping
 def _pick_variable(obj, name: str, rename: Mapping[str, str] | None = None) -> xr.DataArray:
     if isinstance(obj, xr.DataArray):
         return obj
+    # a grid-mapping variable travels with the field (as a coordinate) and is never a candidate itself
+    obj = obj.set_coords([k for k, v in obj.data_vars.items() if "grid_mapping_name" in v.attrs])
     mapped = [k for k, v in (rename or {}).items() if v == name]
     if mapped:
         if mapped[0] not in obj.data_vars:

@@ -27,6 +27,42 @@ def check_benchmark(benchmark: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# dpdm regrid
+# ----------------------------------------------------------------------------------------------
+def regrid_file(input: str | os.PathLike, output: str | os.PathLike, like: str | os.PathLike, *, scale_factor: int = 1,
+                method: str = "bilinear", variables: Sequence[str] | None = None, overwrite: bool = False):
+    """A regular lat/lon file (a GCM or reanalysis) on the coarse native grid of the rotated or projected file
+    ``like``: its grid coarsened ``scale_factor`` times (trailing rows/columns trimmed to a multiple, as training
+    does), so that ``dpdm downscale`` of the result lands on ``like``'s grid. ``method``: ``bilinear`` or
+    ``conservative`` (:func:`dpdm_diffusers.data.regrid_to_native`). The output has ``like``'s axis names, 2-D
+    lat/lon and grid mapping; returns its path."""
+    import xarray as xr
+
+    from dpdm_diffusers import data
+    from dpdm_diffusers.grids import Grid
+    from dpdm_diffusers.io import write_dataset
+    from dpdm_diffusers.native_grids import output_coords
+
+    like_path, in_path = Path(like), Path(input)
+    raw_like = xr.open_dataset(like_path, engine="zarr" if like_path.suffix == ".zarr" else None, chunks={})
+    target_ds = data.trim_to_multiple(data.standardize(raw_like), scale_factor)
+    fine = Grid.from_xarray(target_ds)
+    if fine.mapping is None:
+        raise ValueError(f"{like_path} is on a regular lat/lon grid: dpdm regrid targets rotated or projected grids "
+                         "(for lat/lon targets, dpdm downscale interpolates the input itself).")
+    target = data.coarse_grid(fine, scale_factor)
+    src = data.open_dataset(str(in_path), variables=variables)
+    out = data.regrid_to_native(src, target, method)
+    layout = data.input_layout(raw_like)
+    y_attrs, x_attrs = raw_like[layout["y"]].attrs, raw_like[layout["x"]].attrs
+    out = out.rename({"y": layout["y"], "x": layout["x"]})
+    out = out.assign_coords(output_coords(target.mapping, layout["y"], layout["x"], target.y, target.x, y_attrs, x_attrs))
+    out.attrs.update(history=f"regridded from {in_path.name} ({method}) onto the {target.describe()} of {like_path.name} "
+                     f"coarsened {scale_factor}x by dpdm regrid")
+    return write_dataset(out.load(), output, overwrite=overwrite)
+
+
+# ----------------------------------------------------------------------------------------------
 # dpdm downscale
 # ----------------------------------------------------------------------------------------------
 def open_low_res(path: str | os.PathLike, variables: Sequence[str], variable_map: Mapping[str, str] | None = None,
@@ -51,15 +87,23 @@ def open_low_res(path: str | os.PathLike, variables: Sequence[str], variable_map
     return ds[[rename_back.get(v, v) for v in variables]]
 
 
-def static_from_file(path: str | os.PathLike, grid, channels: Sequence[str],
-                     static_map: Mapping[str, str] | None = None) -> dict:
-    """The model's static ``channels`` on ``grid``, area-averaged from one file of yours (any regular grid);
-    ``static_map`` maps the file's variable names to channels (``{"orog": "topography"}``)."""
+def static_from_file(path, grid, channels: Sequence[str], static_map: Mapping[str, str] | None = None) -> dict:
+    """The model's static ``channels`` on ``grid`` from your files: one file holding every channel, or
+    ``{channel: file}`` for some of them (the others come from the packaged sources). A file on any regular lat/lon
+    grid is area-averaged (over each cell's footprint on a rotated or projected grid); one on the target's own native
+    grid is taken as it is. ``static_map`` maps the files' variable names to channels (``{"orog": "topography"}``)."""
     import xarray as xr
 
     from dpdm_diffusers.static_fields import get_static_fields
 
-    sources = {c: xr.open_dataset(path) for c in channels}
+    if isinstance(path, Mapping):
+        unknown = sorted(set(path) - set(channels))
+        if unknown:
+            raise ValueError(f"--static names {unknown}, which this model does not take; its static channels are "
+                             f"{list(channels)}.")
+        sources = {c: xr.open_dataset(p) for c, p in path.items()}
+    else:
+        sources = {c: xr.open_dataset(path) for c in channels}
     return dict(get_static_fields(grid, list(channels), sources=sources, rename=dict(static_map or {})).data_vars)
 
 
@@ -77,7 +121,7 @@ def downscale_file(
     stats: bool = True,
     tiles_per_call: int | None = None,
     conserve: bool = False,
-    static: str | os.PathLike | None = None,
+    static: str | os.PathLike | Mapping[str, str] | None = None,
     variable_map: Mapping[str, str] | None = None,
     static_map: Mapping[str, str] | None = None,
     device: str = "auto",
@@ -106,7 +150,7 @@ def downscale_file(
     layout: dict = {}
     ds = open_low_res(input, list(pipe.config.variables), variable_map, layout)
     static_fields = None
-    if static is not None:
+    if static:  # one file with every channel, or {channel: file}
         grid = Grid.from_xarray(ds).refine(pipe.config.scale_factor)
         static_fields = static_from_file(static, grid, list(pipe.config.static_channels), static_map)
     return reconstruct(pipe, ds, output, num_members=num_members, num_inference_steps=num_inference_steps, seed=seed,
