@@ -61,7 +61,7 @@ def scores(ens: xr.DataArray, truth: xr.DataArray, box=None) -> dict:
             "bias": float(metrics.bias(mean, t)),
         }
         # the tails and the distribution, member by member (climate_scores.EXTREMES)
-        table = climate_scores.score(t.to_dataset(name="x"), {"f": e.to_dataset(name="x")},
+        table = climate_scores.score(t.to_dataset(name="value"), {"f": e.to_dataset(name="value")},
                                      ["q1_bias", "q99_bias", "wasserstein"])
         out[region].update({r.metric: r.value for r in table.itertuples()})
     return out

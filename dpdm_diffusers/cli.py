@@ -88,6 +88,7 @@ def regrid(
     scale_factor: int = typer.Option(1, min=1, help="How many times coarser than --like's grid the output is: the model's scale factor when --like is the fine grid."),
     method: str = typer.Option("bilinear", help="bilinear | conservative (cell footprint means; precipitation, finer sources)."),
     variables: str | None = typer.Option(None, help="Comma-separated variables to keep (default all)."),
+    time: str | None = typer.Option(None, help="Inclusive time range to keep, e.g. 2050,2099."),
     overwrite: bool = typer.Option(False, help="Replace an existing output."),
 ):
     """Put a regular lat/lon field on the coarse native grid (rotated pole, Lambert, polar stereographic) of a
@@ -96,7 +97,7 @@ def regrid(
 
     try:
         path = regrid_file(input, output, like, scale_factor=scale_factor, method=method,
-                           variables=_items(variables) or None, overwrite=overwrite)
+                           variables=_items(variables) or None, time=_pair(time, "--time") or None, overwrite=overwrite)
     except (KeyError, ValueError, FileExistsError, PermissionError) as err:
         raise typer.BadParameter(str(err).strip("'\"")) from None
     typer.echo(f"wrote {path}")

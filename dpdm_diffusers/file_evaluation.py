@@ -33,6 +33,7 @@ import pandas as pd
 import xarray as xr
 
 from . import climate_scores, field_statistics, metrics
+from .grids import Grid, grid_dims
 
 __all__ = ["FieldScores", "evaluate_files", "evaluate_forecast_files", "forecasts_from_pipeline", "load_forecasts",
            "score_fields", "write_figures", "write_scores"]
@@ -204,7 +205,7 @@ def score_fields(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], *, scal
     climate = climate_scores.score(truth, forecasts, climate_metrics, member_dim=members_dim, reference=reference,
                                    future=future, progress=progress)
     indices = daily_indices(truth, forecasts, index_freq, members_dim)
-    if not [d for d in truth.dims if d not in ("lat", "lon")]:
+    if not [d for d in truth.dims if d not in grid_dims(truth)]:
         notes.append("One truth field: ACC is its centred pattern correlation (anomalies against zero).")
     return FieldScores(table, reliability, precip, consistency, units, notes, distribution, climate, indices)
 
@@ -334,17 +335,21 @@ def load_forecasts(specs: Sequence[str], truth: xr.Dataset,
             raise ValueError(f"Forecast {name!r} ({path}) has no variable {missing}; it has {sorted(ds.data_vars)}. "
                              "Map names with --variable forecast_name=truth_name.")
         ds = ds[list(truth.data_vars)]
+        ya, xa = grid_dims(truth)  # lat/lon, or a rotated or projected grid's y/x
+        if grid_dims(ds) != (ya, xa):
+            raise ValueError(f"Forecast {name!r} ({path}) is on a {Grid.from_xarray(ds).describe()}, the truth on a "
+                             f"{Grid.from_xarray(truth).describe()}. Regrid one onto the other first.")
         try:  # a forecast over a larger domain is cut to the truth's region (e.g. --lat-box)
-            ds = ds.sel(lat=truth.lat.values, lon=truth.lon.values, method="nearest", tolerance=1e-4)
+            ds = ds.sel({ya: truth[ya].values, xa: truth[xa].values}, method="nearest", tolerance=1e-4)
         except KeyError:
             pass  # reported below, with both grids
-        for dim in ("lat", "lon"):
+        for dim in (ya, xa):
             if ds.sizes.get(dim) != truth.sizes[dim] or not np.allclose(ds[dim].values, truth[dim].values, atol=1e-4):
                 raise ValueError(f"Forecast {name!r} ({path}) is not on the truth's grid: its {dim} has "
                                  f"{ds.sizes.get(dim)} points from {float(ds[dim].min()):g} to {float(ds[dim].max()):g}"
                                  f", the truth's {truth.sizes[dim]} from {float(truth[dim].min()):g} to "
                                  f"{float(truth[dim].max()):g}. Regrid one onto the other first.")
-        ds = ds.assign_coords(lat=truth.lat, lon=truth.lon)
+        ds = ds.assign_coords({ya: truth[ya], xa: truth[xa]})
         if "time" in truth.dims:
             if "time" not in ds.dims:
                 raise ValueError(f"Forecast {name!r} ({path}) has no time dim; the truth has {truth.sizes['time']}.")
@@ -380,7 +385,6 @@ def evaluate_forecast_files(truth_files: Sequence[str], forecast_specs: Sequence
         The scores, and the truth and forecasts as scored (for :func:`write_figures`).
     """
     from .data import open_dataset, regrid
-    from .grids import Grid
     from .statistics import default_transform
 
     truth = open_dataset(list(truth_files), time=time, lat=lat_box, lon=lon_box).load()
@@ -393,7 +397,8 @@ def evaluate_forecast_files(truth_files: Sequence[str], forecast_specs: Sequence
         grid = Grid.from_xarray(truth)
         for b in baselines:
             forecasts[b] = regrid(low, grid, method=b)[list(truth.data_vars)]
-        scale = int(round(float(np.diff(low.lat.values).mean() / np.diff(truth.lat.values).mean())))
+        ya = grid_dims(truth)[0]
+        scale = int(round(float(np.diff(low[ya].values).mean() / np.diff(truth[ya].values).mean())))
     elif baselines and tuple(baselines) != ("bilinear", "bicubic"):
         raise ValueError("Baselines are interpolated from the coarse input: give it with --low-res.")
     forecasts.update(load_forecasts(forecast_specs, truth, variable_map))

@@ -274,7 +274,10 @@ def footprint_mean(values: np.ndarray, src: Grid, dst: Grid, method: str = "near
     """Mean of a regular lat/lon field ``values`` over the footprint on Earth of each cell of the native grid ``dst``:
     ``k x k`` points per cell (:func:`~dpdm_diffusers.native_grids.footprint_points`), ``k`` so that they lie at most
     half a source cell apart (at most 8), each read from the source by ``method`` (``"nearest"`` for a source of cell
-    means, ``"linear"`` for point values). Points outside the source are NaN, and so is any cell that has one."""
+    means, ``"linear"`` for point values). A cell smaller than half a source cell (one point) reads the source
+    bilinearly either way, as a finer target interpolates a coarser user field: a blocky copy of the source cells
+    would draw their edges (a 9 km staircase coastline on a 1.5 km grid) into the static channels. Points outside the
+    source are NaN, and so is any cell that has one."""
     from scipy.interpolate import RegularGridInterpolator
 
     from .native_grids import footprint_points
@@ -284,6 +287,8 @@ def footprint_mean(values: np.ndarray, src: Grid, dst: Grid, method: str = "near
     step = min(abs(float(np.diff(dst.y[:2])[0])), abs(float(np.diff(dst.x[:2])[0]))) * dst.mapping.axis_scale
     cell_deg = step if dst.mapping.rotated else step / 111_195.0
     k = int(np.clip(np.ceil(2 * cell_deg / min(src.dlat, src.dlon)), 1, 8))
+    if k == 1:
+        method = "linear"
     plat, plon = footprint_points(dst.mapping, dst.y, dst.x, k)
     slat, slon, v = src.lat, src.lon, np.asarray(values, dtype=np.float64)
     if slat[0] > slat[-1]:
@@ -339,7 +344,7 @@ def _packaged_on_grid(name: str, lat_key: bytes, lon_key: bytes, mapping=None) -
 
 # bump when the packaged sources or their averaging change: per-grid caches written before are then not read
 _SOURCE_VERSION = "pvlib-Altitude.h5+global-land-mask/area-average-v1"
-_NATIVE_VERSION = "footprint-mean-v1"  # bump when the footprint averaging on native grids changes
+_NATIVE_VERSION = "footprint-mean-v2"  # bump when the footprint averaging on native grids changes
 
 
 def static_dataset(grid: Grid, fields: Mapping[str, np.ndarray], source: Mapping[str, str] | None = None) -> xr.Dataset:

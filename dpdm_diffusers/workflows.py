@@ -30,12 +30,12 @@ def check_benchmark(benchmark: str) -> None:
 # dpdm regrid
 # ----------------------------------------------------------------------------------------------
 def regrid_file(input: str | os.PathLike, output: str | os.PathLike, like: str | os.PathLike, *, scale_factor: int = 1,
-                method: str = "bilinear", variables: Sequence[str] | None = None, overwrite: bool = False):
+                method: str = "bilinear", variables: Sequence[str] | None = None, time=None, overwrite: bool = False):
     """A regular lat/lon file (a GCM or reanalysis) on the coarse native grid of the rotated or projected file
     ``like``: its grid coarsened ``scale_factor`` times (trailing rows/columns trimmed to a multiple, as training
     does), so that ``dpdm downscale`` of the result lands on ``like``'s grid. ``method``: ``bilinear`` or
     ``conservative`` (:func:`dpdm_diffusers.data.regrid_to_native`). The output has ``like``'s axis names, 2-D
-    lat/lon and grid mapping; returns its path."""
+    lat/lon and grid mapping; ``variables`` and ``time`` (``(start, end)``) select from the input. Returns its path."""
     import xarray as xr
 
     from dpdm_diffusers import data
@@ -51,7 +51,7 @@ def regrid_file(input: str | os.PathLike, output: str | os.PathLike, like: str |
         raise ValueError(f"{like_path} is on a regular lat/lon grid: dpdm regrid targets rotated or projected grids "
                          "(for lat/lon targets, dpdm downscale interpolates the input itself).")
     target = data.coarse_grid(fine, scale_factor)
-    src = data.open_dataset(str(in_path), variables=variables)
+    src = data.open_dataset(str(in_path), variables=variables, time=time)
     out = data.regrid_to_native(src, target, method)
     layout = data.input_layout(raw_like)
     y_attrs, x_attrs = raw_like[layout["y"]].attrs, raw_like[layout["x"]].attrs

@@ -159,11 +159,12 @@ def test_pipeline_output_keeps_native_dims_2d_lat_lon_and_the_grid_mapping(kind)
 
 
 @pytest.mark.parametrize("suffix", [".nc", ".zarr"])
-def test_dpdm_downscale_round_trip_keeps_the_grid_mapping(tmp_path, model_dir, suffix):
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_dpdm_downscale_round_trip_keeps_the_grid_mapping(tmp_path, model_dir, kind, suffix):
     from dpdm_diffusers.cli import main
 
-    src = tmp_path / "rotated.nc"
-    native_dataset("rotated", ntime=3).to_netcdf(src)
+    src = tmp_path / f"{kind}.nc"
+    native_dataset(kind, ntime=3).to_netcdf(src)
     out = tmp_path / f"fine{suffix}"
     with pytest.raises(SystemExit) as done:
         main(["downscale", str(src), "-o", str(out), "--model", str(model_dir), "--members", "2", "--steps", "1",
@@ -171,11 +172,12 @@ def test_dpdm_downscale_round_trip_keeps_the_grid_mapping(tmp_path, model_dir, s
     assert done.value.code in (0, None)
     res = xr.open_zarr(out) if suffix == ".zarr" else xr.open_dataset(out)
     axes = native_axes(res)
-    assert axes is not None and (axes.y, axes.x) == ("rlat", "rlon")
-    assert axes.mapping.attrs == native_axes(native_dataset("rotated")).mapping.attrs
-    assert res["tas"].dims == ("member", "time", "rlat", "rlon") and res["lat"].dims == ("rlat", "rlon")
-    assert res["tas_mean"].attrs["grid_mapping"] == "crs" and res["rlat"].attrs["standard_name"] == "grid_latitude"
-    fine = native_dataset("rotated", factor=4)
+    yn, xn = KINDS[kind][3]
+    assert axes is not None and (axes.y, axes.x) == (yn, xn)
+    assert axes.mapping.attrs == native_axes(native_dataset(kind)).mapping.attrs
+    assert res["tas"].dims == ("member", "time", yn, xn) and res["lat"].dims == (yn, xn)
+    assert res["tas_mean"].attrs["grid_mapping"] == "crs" and res[yn].attrs["units"] == KINDS[kind][4]
+    fine = native_dataset(kind, factor=4)
     assert np.allclose(res["lat"], fine["lat"], atol=1e-6) and np.isfinite(res["tas"].values).all()
     # and it reads back as the same native grid, so it can be scored or downscaled again
     assert Grid.from_xarray(data.standardize(res)).mapping == Grid.from_xarray(data.standardize(fine)).mapping
@@ -263,3 +265,86 @@ def test_dpdm_regrid_puts_lat_lon_input_on_the_coarse_native_grid_that_downscale
     with pytest.raises(SystemExit) as refused:  # a lat/lon target needs no regrid step
         main(["regrid", str(tmp_path / "gcm.nc"), "-o", str(tmp_path / "x.nc"), "--like", str(tmp_path / "gcm.nc")])
     assert refused.value.code == 2
+
+
+# --- scoring and calibrating on a native grid -----------------------------------------------------------------
+def test_dpdm_evaluate_scores_files_on_a_projected_grid_with_equal_area_weights(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dpdm_diffusers.cli import app
+
+    truth = data.standardize(native_dataset("lambert", ntime=3, factor=4))
+    truth.to_netcdf(tmp_path / "truth.nc")
+    data.coarsen(truth, 4).to_netcdf(tmp_path / "low.nc")
+    ens = xr.concat([truth + d for d in (0.5, 1.0, 1.5)], "member")
+    ens["tas"].attrs = truth["tas"].attrs
+    ens.to_netcdf(tmp_path / "ens.nc")
+    res = CliRunner().invoke(app, ["evaluate", "--truth", str(tmp_path / "truth.nc"), "--forecast", f"dpdm={tmp_path / 'ens.nc'}",
+                                   "--low-res", str(tmp_path / "low.nc"), "--out-dir", str(tmp_path / "eval")])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "eval" / "scores.json").read_text())
+    table = {(r["method"], r["metric"]): r["value"] for r in report["climate"] if r["variable"] == "tas"}
+    assert table[("dpdm", "bias")] == pytest.approx(1.0, abs=1e-6) and ("bicubic", "bias") in table
+
+
+def test_dpdm_calibrate_runs_on_a_rotated_file(tmp_path):
+    import json
+
+    import torch
+    from typer.testing import CliRunner
+
+    from dpdm_diffusers import DownscalingPipeline
+    from dpdm_diffusers.cli import app
+    from dpdm_diffusers.modeling import build_unet, default_sampler
+
+    native_dataset("rotated", ntime=4, factor=4).to_netcdf(tmp_path / "rot.nc")
+    torch.manual_seed(0)
+    stats = dict(variables=["tas"], units=["K"], transforms=["identity"], norm_mean=[285.0], norm_std=[5.0],
+                 residual_std=[0.5], static_channels=[], static_mean=[], static_std=[], scale_factor=4, patch_size=16)
+    DownscalingPipeline(unet=build_unet(1, 0, 16, "tiny"), regression_unet=build_unet(1, 0, 16, "tiny"),
+                        scheduler=default_sampler(), stochastic_std=[0.4], **stats).save_pretrained(tmp_path / "m")
+    res = CliRunner().invoke(app, ["calibrate", str(tmp_path / "rot.nc"), "--model", str(tmp_path / "m"),
+                                   "--validation-time", "2001-03,2001-04", "--members", "2", "--steps", "1", "--write"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "m" / "model_index.json").read_text())["stochastic_std"] != [0.4]
+
+
+# --- real rotated-pole data -----------------------------------------------------------------------------------
+def test_real_rotated_pole_file_is_placed_over_the_north_atlantic_and_europe():
+    iris = pytest.importorskip("iris")
+    from dpdm_diffusers.static_fields import get_static_fields
+
+    ds = xr.open_dataset(iris.sample_data_path("rotated_pole.nc"))  # UM MSLP, 22 x 36 cells of 2.2 rotated degrees
+    std = data.standardize(ds)
+    grid = Grid.from_xarray(std)
+    assert grid.mapping.rotated and grid.shape == (22, 36)
+    lat, lon = grid.geographic()
+    assert 15 < lat.min() and lat.max() < 77 and -88 < lon.min() and lon.max() < 68
+    land = get_static_fields(grid, ["land_sea_mask"])["land_sea_mask"].values
+    i, j = np.unravel_index(np.argmin(np.hypot(lat - 52.0, (lon + 1.0) * 0.6)), lat.shape)  # England
+    k, m = np.unravel_index(np.argmin(np.hypot(lat - 45.0, (lon + 30.0) * 0.7)), lat.shape)  # mid-Atlantic
+    assert land[i, j] > 0.6 and land[k, m] == 0.0
+    # a lat/lon field put on it and read back as the same grid
+    src = xr.Dataset({"t": (("lat", "lon"), np.fromfunction(lambda a, b: 250 + a * 0.5, (91, 360)), {"units": "K"})},
+                     coords={"lat": ("lat", np.arange(91.0) - 0.0, {"units": "degrees_north"}),
+                             "lon": ("lon", np.arange(360.0) - 180.0, {"units": "degrees_east"})})
+    out = data.regrid_to_native(src, grid)
+    assert np.allclose(out["t"], 250 + 0.5 * lat, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["rotated", "lambert"])
+def test_native_output_passes_the_cf_checker(kind, model_dir, tmp_path):
+    pytest.importorskip("compliance_checker")
+    from test_cf_output import cf_problems
+
+    from dpdm_diffusers.workflows import downscale_file
+
+    src = tmp_path / f"{kind}.nc"
+    native_dataset(kind, ntime=2).to_netcdf(src)
+    out = tmp_path / f"{kind}-x4.nc"
+    downscale_file(src, out, model=str(model_dir), num_members=2, num_inference_steps=1, progress=False)
+    errors, warnings = cf_problems(out, tmp_path)
+    assert errors == []
+    assert all("cell_methods name component member" in m for _, m in warnings), warnings
