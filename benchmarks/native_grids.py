@@ -66,7 +66,8 @@ def finetune(args, files, run, **options):
         t0 = time.perf_counter()
         train_dpdm.run(cfg)
         wall = time.perf_counter() - t0
-    return portable(to_argv(cfg)), wall
+    # paths inside option values (the --static_files mapping) relative to the repository too
+    return portable(to_argv(cfg)).replace(f"{ROOT}/", ""), wall
 
 
 def rows_for(args, low, truth_var, var, static, static_packaged, run, timings, variable_map):
@@ -83,10 +84,12 @@ def rows_for(args, low, truth_var, var, static, static_packaged, run, timings, v
     base = DownscalingPipeline.from_pretrained(args.model)
     rows["Zero-shot: shipped regression stage"] = scores(
         ensemble(base.regression_pipeline(), low, 1, timings, "base_reg", static_fields=static, **kw)[var].isel(member=0), t, EVERYWHERE)
+    own = ""
     if static_packaged is not None:
-        rows[f"Zero-shot: shipped two-stage, {args.members}-member mean, packaged static fields"] = scores(
+        rows[f"Zero-shot: shipped two-stage, {args.members}-member mean (packaged topography)"] = scores(
             ensemble(base, low, args.members, timings, "base_packaged", static_fields=static_packaged, **kw)[var], t, EVERYWHERE)
-    rows[f"Zero-shot: shipped two-stage, {args.members}-member mean"] = scores(
+        own = " (the file's own orography)"
+    rows[f"Zero-shot: shipped two-stage, {args.members}-member mean{own}"] = scores(
         ensemble(base, low, args.members, timings, "base", static_fields=static, **kw)[var], t, EVERYWHERE)
     stage1 = DownscalingPipeline.from_pretrained(run / "stage1-regression")
     tuned = DownscalingPipeline.from_pretrained(run)

@@ -370,6 +370,9 @@ def finetune(
     config: Path | None = typer.Option(None, exists=True,
                                        help="YAML with any other training option (see train_dpdm --help)."),
     resume: bool = typer.Option(False, help="Continue an interrupted run in --output-dir."),
+    recompute_statistics: bool = typer.Option(False, "--recompute-statistics", help="Re-estimate the normalisation "
+                                              "statistics on your data instead of keeping the base model's: for a "
+                                              "region at another scale (a warning says when)."),
 ):
     """Fine-tune a model on your region in one command: both stages of a two-stage model, then its spread.
 
@@ -395,6 +398,7 @@ def finetune(
             steps=steps, regression_steps=regression_steps, batch_size=batch_size, learning_rate=learning_rate,
             seed=seed, regular_grid=regular_grid, config=config, resume=resume, objective=objective,
             **({"units": parse_mapping(unit)} if unit else {}),
+            **({"recompute_statistics": True} if recompute_statistics else {}),
         )
         typer.echo("dpdm finetune runs: " + render_command(cfg))
         out = run(cfg)
@@ -505,6 +509,11 @@ def main(argv: list[str] | None = None) -> None:
         if debug or os.environ.get("DPDM_DEBUG") == "1":
             raise
         typer.echo(f"Error: {_one_line(err)} (dpdm --debug ... shows the traceback)", err=True)
+        # zarr's writer tasks aborted by that error are reported by asyncio at exit, traceback and all, whenever the
+        # event loop is collected late (under load): the one line above already says what happened
+        import logging
+
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         sys.exit(1)
 
 

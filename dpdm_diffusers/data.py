@@ -40,7 +40,8 @@ from .grids import (
     interpolation_methods,
 )
 from .naming import parse_mapping  # noqa: F401 - public here too (CLI, training configs)
-from .native_grids import NativeAxes, box_slices, check_geographic_coords, native_axes
+from .native_grids import box_slices, native_axes, standardize_native
+from .native_regrid import REGRID_METHODS, regrid_to_native  # noqa: F401 - public here too (a data-layer step)
 
 __all__ = [
     "open_dataset",
@@ -188,7 +189,7 @@ def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = 
         if lon_convention is not None or regular_grid:
             raise ValueError(f"lon_convention and regular_grid apply to lat/lon grids; the data are on a "
                              f"{axes.mapping.describe()}.")
-        return _standardize_native(obj, axes)
+        return standardize_native(obj, axes, _TIME_ALIASES)
     la = _find_dim(obj, LAT_NAMES)
     lo = _find_dim(obj, LON_NAMES)
     check_lat_lon(obj, la, lo)  # before renaming: a 2-D `lat` beside the dims is reported by its own name
@@ -243,46 +244,6 @@ def standardize(obj, *, lon_convention: str | None = None, regular_grid: bool = 
         lat=obj["lat"].assign_attrs(units="degrees_north", standard_name="latitude"),
         lon=obj["lon"].assign_attrs(units="degrees_east", standard_name="longitude"),
     )
-    if "time" in obj.dims and obj.sizes["time"] > 1 and "time" in obj.indexes:
-        if not obj.indexes["time"].is_monotonic_increasing:
-            obj = obj.sortby("time")
-    return obj
-
-
-_GEOGRAPHIC_2D = ("lat", "lon", "latitude", "longitude", "nav_lat", "nav_lon")
-
-
-def _standardize_native(obj, axes: NativeAxes):
-    """:func:`standardize` for a grid with a CF grid mapping: axes ``y``/``x`` ascending and exactly regular (float32
-    jitter removed), the mapping variable a coordinate, the 2-D lat/lon checked against it and dropped."""
-    check_geographic_coords(obj, axes)
-    names = obj.variables if isinstance(obj, xr.Dataset) else obj.coords
-    drop = [n for n in _GEOGRAPHIC_2D if n in names and obj[n].ndim == 2]
-    obj = obj.drop_vars(drop)
-    if isinstance(obj, xr.Dataset) and axes.mapping.name in obj.data_vars:
-        obj = obj.set_coords(axes.mapping.name)
-    rename = {a: b for a, b in ((axes.y, "y"), (axes.x, "x")) if a != b}
-    if "time" not in obj.dims:
-        rename.update({t: "time" for t in _TIME_ALIASES[:1] if t in obj.dims})
-    names = obj.variables if isinstance(obj, xr.Dataset) else obj.coords
-    clash = [new for new in rename.values() if new in names and new not in obj.dims]
-    obj = obj.drop_vars(clash).rename(rename)
-    for d in ("y", "x"):
-        v = np.asarray(obj[d].values)
-        if v.size > 1 and v[1] < v[0]:
-            obj = obj.isel({d: slice(None, None, -1)})
-        v = obj[d].values
-        step = check_regular(v, f"{d} ({axes.y if d == 'y' else axes.x})")
-        exact = float(v[0]) + step * np.arange(v.size)  # float32 axes jitter by their rounding; the grid does not
-        obj = obj.assign_coords({d: xr.Variable(d, exact, obj[d].attrs)})
-    if isinstance(obj, xr.Dataset):
-        for v in obj.data_vars:
-            if {"y", "x"} <= set(obj[v].dims):
-                obj[v].encoding.pop("grid_mapping", None)
-                obj[v].attrs["grid_mapping"] = axes.mapping.name
-    else:
-        obj.encoding.pop("grid_mapping", None)
-        obj.attrs["grid_mapping"] = axes.mapping.name
     if "time" in obj.dims and obj.sizes["time"] > 1 and "time" in obj.indexes:
         if not obj.indexes["time"].is_monotonic_increasing:
             obj = obj.sortby("time")
@@ -574,67 +535,6 @@ def _regrid_array(da: xr.DataArray, src: Grid, grid: Grid, method: str, dims=("l
     return out.drop_vars([c for c in (ya, xa) if c in out.coords])
 
 
-REGRID_METHODS = ("bilinear", "conservative")
-
-
-def regrid_to_native(obj, grid: Grid, method: str = "bilinear"):
-    """A regular lat/lon field (a GCM or reanalysis) on a rotated or projected grid ``grid``, e.g. the coarse native
-    grid of a regional model's fine one (``coarse_grid(Grid.from_xarray(fine), factor)``).
-
-    ``method``: ``"bilinear"`` interpolates at each cell centre (:meth:`xarray.Dataset.interp`, scipy's linear
-    interpolation, at the centres placed by pyproj); ``"conservative"`` averages each cell's footprint (``k x k``
-    points per cell, nearest source cell each, :func:`~dpdm_diffusers.static_fields.footprint_mean`), which keeps
-    area means: use it for precipitation and whenever the source is finer than the target. Output has dims ``y``/``x``
-    and the grid mapping, as :func:`standardize` gives; a target cell outside the source is refused, never filled.
-    """
-    if grid.mapping is None:
-        raise ValueError("regrid_to_native needs a native (rotated or projected) target grid; use regrid for lat/lon.")
-    if method not in REGRID_METHODS:
-        raise ValueError(f"Unknown method {method!r} for a native target; expected one of {REGRID_METHODS}.")
-    src = Grid.from_xarray(obj)
-    if src.mapping is not None:
-        raise ValueError(f"The source is already on a {src.describe()}: regrid_to_native reads regular lat/lon data.")
-    la, lo = grid_dims(obj)
-    lat2, lon2 = grid.geographic()
-    lon_src = np.asarray(obj[lo].values, np.float64)
-    lon2 = lon_src.min() + np.mod(lon2 - lon_src.min(), 360.0)  # the source's longitude convention
-    from .native_grids import axis_attrs
-
-    if method == "bilinear":
-        if src.periodic:  # one wrapped column, so centres between the last and first longitude are inside
-            obj = xr.concat([obj, obj.isel({lo: [0]}).assign_coords({lo: [lon_src[0] + 360.0]})], dim=lo)
-        lat_t = xr.DataArray(lat2, dims=("y", "x"))
-        lon_t = xr.DataArray(np.where(lon2 < np.asarray(obj[lo]).min(), lon2 + 360.0, lon2), dims=("y", "x"))
-        out = obj.interp({la: lat_t, lo: lon_t}, method="linear").drop_vars([la, lo], errors="ignore")
-    else:
-        from .static_fields import footprint_mean
-
-        def one(da):
-            core = da.transpose(..., la, lo)
-            lead = core.shape[:-2]
-            flat = np.asarray(core.values, np.float64).reshape(-1, *src.shape)
-            res = np.stack([footprint_mean(f, src, grid, method="nearest") for f in flat])
-            dims = [d for d in core.dims if d not in (la, lo)]
-            return xr.DataArray(res.reshape(*lead, *grid.shape).astype(np.float32), dims=(*dims, "y", "x"),
-                                coords={d: core[d] for d in dims if d in core.coords}, attrs=da.attrs)
-
-        out = xr.Dataset({k: one(v) for k, v in obj.data_vars.items()}, attrs=obj.attrs) if isinstance(
-            obj, xr.Dataset) else one(obj)
-    variables = list(out.data_vars) if isinstance(out, xr.Dataset) else [None]
-    first = out.isel({d: 0 for d in out.dims if d not in ("y", "x")})  # cells outside the source: NaN at every step
-    n_missing = sum(int(np.isnan(np.asarray((first[v] if v else first).values)).sum()) for v in variables)
-    if n_missing:
-        raise ValueError(f"{n_missing} cells of the {grid.describe()} lie outside the lat/lon source "
-                         f"({src.describe()}): give a source that covers the whole target domain.")
-    out = out.assign_coords(y=xr.Variable("y", grid.y, axis_attrs(grid.mapping, "y")),
-                            x=xr.Variable("x", grid.x, axis_attrs(grid.mapping, "x")))
-    out = out.assign_coords({grid.mapping.name: grid.mapping.variable()})
-    for v in variables:
-        target = out[v] if v else out
-        target.attrs["grid_mapping"] = grid.mapping.name
-    return out
-
-
 def check_time_axes(high_res, low_res, tolerance=None):
     """Check both have the same time axis; return ``low_res`` (relabelled to high-res times if tolerant).
 
@@ -765,6 +665,10 @@ def make_pairs(
     low_res = convert_to_units(low_res, {v: high_res[v].attrs["units"] for v in variables if "units" in high_res[v].attrs})
     low_res = check_time_axes(high_res, low_res, tolerance=time_tolerance)
     if scale_factor is None:
-        scale_factor = _spacing_ratio(Grid.from_xarray(low_res), grid)
+        coarse = Grid.from_xarray(low_res)
+        if coarse.mapping != grid.mapping:
+            raise ValueError(f"The low-res data are on a {coarse.describe()}, the high-res on a {grid.describe()}: "
+                             "pass scale_factor (the spacing ratio of different grid kinds says nothing).")
+        scale_factor = _spacing_ratio(coarse, grid)
     target = coarse_grid(grid, int(scale_factor))
     return PairedData(high_res, regrid(low_res, target, method=regrid_method), int(scale_factor))

@@ -436,10 +436,11 @@ def write_figures(truth: xr.Dataset, forecasts: Mapping[str, xr.Dataset], out_di
         if ens:
             hists = {k: metrics.rank_histogram(f[v], truth[v], members_dim=members_dim).values for k, f in ens.items()}
             paths.append(plots.plot_rank_histograms(hists, out / f"{name}_{v}_rank.png", title=f"{v}: rank histograms"))
-        pooled = [d for d in truth[v].dims if d not in ("lat", "lon")]
+        spatial = grid_dims(truth[v])
+        pooled = [d for d in truth[v].dims if d not in spatial]
         maps = {}
         for k, f in forecasts.items():
-            dims = [d for d in f[v].dims if d not in ("lat", "lon")]
+            dims = [d for d in f[v].dims if d not in spatial]
             maps[f"{k}: mean bias"] = f[v].mean(dims) - truth[v].mean(pooled)
             if pooled:
                 maps[f"{k}: 99th pct bias"] = f[v].quantile(0.99, dims).drop_vars("quantile") \

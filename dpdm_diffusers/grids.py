@@ -44,7 +44,9 @@ def lat_lon_names(obj) -> tuple[str, str]:
     if axes is not None:
         raise ValueError(f"The data are on a {axes.mapping.describe()}: its axes {axes.y!r}/{axes.x!r} are not "
                          "latitude/longitude, and this step needs a regular lat/lon grid.")
-    return find_coord(obj, LAT_NAMES, "latitude"), find_coord(obj, LON_NAMES, "longitude")
+    names = find_coord(obj, LAT_NAMES, "latitude"), find_coord(obj, LON_NAMES, "longitude")
+    check_geographic(obj, *names)  # a rotated or projected axis that lost its grid mapping is never read as degrees
+    return names
 
 
 def grid_dims(obj) -> tuple[str, str]:
@@ -65,8 +67,10 @@ def check_lat_lon(obj, lat_name: str | None, lon_name: str | None) -> None:
     for name in _CURVILINEAR_NAMES:
         if name in obj.coords and obj[name].ndim > 1:
             raise ValueError(
-                f"Curvilinear grid: coordinate `{name}` is {obj[name].ndim}-D {obj[name].dims}. "
-                "Regrid to a regular lat/lon grid first (e.g. with xESMF)."
+                f"Curvilinear grid: coordinate `{name}` is {obj[name].ndim}-D {obj[name].dims}, and no CF grid_mapping "
+                "says in which coordinates the grid is regular. A rotated-pole or projected grid (CORDEX, WRF) works "
+                "once its grid_mapping variable is in the file; a grid regular in no coordinates must be regridded "
+                "first (e.g. with xESMF)."
             )
     for name in (lat_name, lon_name):  # a dim without values would silently read as 0, 1, 2 ... degrees
         if name is not None and name not in obj.coords:

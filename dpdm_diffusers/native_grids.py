@@ -26,6 +26,9 @@ X_NAMES = ("rlon", "x", "grid_longitude", "west_east", "projection_x_coordinate"
 # (metres per unit) of projected axes; rotated axes are degrees
 _LENGTH_UNITS = {"m": 1.0, "meter": 1.0, "metre": 1.0, "meters": 1.0, "metres": 1.0, "km": 1000.0,
                  "kilometer": 1000.0, "kilometre": 1000.0, "kilometers": 1000.0, "kilometres": 1000.0}
+# descriptive attributes of a grid-mapping variable: not part of the CRS (two files that differ only in them are on
+# the same grid); crs_wkt/spatial_ref repeat the CF parameters in another form
+_NOT_CRS = {"long_name", "comment", "description", "crs_wkt", "spatial_ref", "proj4", "proj4text", "GeoTransform"}
 LAT_ATTRS = {"standard_name": "latitude", "units": "degrees_north", "long_name": "latitude"}
 LON_ATTRS = {"standard_name": "longitude", "units": "degrees_east", "long_name": "longitude"}
 
@@ -57,7 +60,7 @@ class GridMapping:
     @classmethod
     def from_attrs(cls, name: str, attrs, axis_units: str = "") -> GridMapping:
         items = tuple(sorted((str(k), _hashable(v)) for k, v in dict(attrs).items()
-                             if not str(k).startswith("_") and k != "crs_wkt"))
+                             if not str(k).startswith("_") and k not in _NOT_CRS))
         mapping = cls(str(name), items, 1.0)
         if not mapping.rotated:
             unit = str(axis_units or "m").strip().lower()
@@ -97,6 +100,7 @@ class GridMapping:
         import xarray as xr
 
         attrs = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.attrs}
+        attrs.setdefault("long_name", f"coordinate reference system ({self.kind})")
         return xr.Variable((), np.int32(0), attrs)
 
     def describe(self) -> str:
@@ -215,6 +219,53 @@ def native_grid(attrs, y, x, name: str = "crs", axis_units: str = "m"):
     return Grid(np.asarray(y, np.float64), np.asarray(x, np.float64), GridMapping.from_attrs(name, attrs, axis_units))
 
 
+_GEOGRAPHIC_2D = ("lat", "lon", "latitude", "longitude", "nav_lat", "nav_lon")
+
+
+def standardize_native(obj, axes: NativeAxes, time_aliases=("valid_time",)):
+    """:func:`dpdm_diffusers.data.standardize` for a grid with a CF grid mapping: axes ``y``/``x`` ascending and
+    exactly regular (float32 jitter removed), the mapping variable a coordinate (and every field's ``grid_mapping``),
+    the 2-D lat/lon checked against it and dropped (they are rebuilt on output), the first of ``time_aliases`` present renamed ``time``."""
+    import xarray as xr
+
+    from .grids import check_regular
+
+    check_geographic_coords(obj, axes)
+    names = obj.variables if isinstance(obj, xr.Dataset) else obj.coords
+    drop = [n for n in _GEOGRAPHIC_2D if n in names and obj[n].ndim == 2]
+    obj = obj.drop_vars(drop)
+    if isinstance(obj, xr.Dataset) and axes.mapping.name in obj.data_vars:
+        obj = obj.set_coords(axes.mapping.name)
+    rename = {a: b for a, b in ((axes.y, "y"), (axes.x, "x")) if a != b}
+    if "time" not in obj.dims:
+        alias = next((t for t in time_aliases if t in obj.dims), None)
+        if alias:
+            rename[alias] = "time"
+    names = obj.variables if isinstance(obj, xr.Dataset) else obj.coords
+    clash = [new for new in rename.values() if new in names and new not in obj.dims]
+    obj = obj.drop_vars(clash).rename(rename)
+    for d in ("y", "x"):
+        v = np.asarray(obj[d].values)
+        if v.size > 1 and v[1] < v[0]:
+            obj = obj.isel({d: slice(None, None, -1)})
+        v = obj[d].values
+        step = check_regular(v, f"{d} ({axes.y if d == 'y' else axes.x})")
+        exact = float(v[0]) + step * np.arange(v.size)  # float32 axes jitter by their rounding; the grid does not
+        obj = obj.assign_coords({d: xr.Variable(d, exact, obj[d].attrs)})
+    if isinstance(obj, xr.Dataset):
+        for v in obj.data_vars:
+            if {"y", "x"} <= set(obj[v].dims):
+                obj[v].encoding.pop("grid_mapping", None)
+                obj[v].attrs["grid_mapping"] = axes.mapping.name
+    else:
+        obj.encoding.pop("grid_mapping", None)
+        obj.attrs["grid_mapping"] = axes.mapping.name
+    if "time" in obj.dims and obj.sizes["time"] > 1 and "time" in obj.indexes:
+        if not obj.indexes["time"].is_monotonic_increasing:
+            obj = obj.sortby("time")
+    return obj
+
+
 # ----------------------------------------------------------------------------------------------
 # geography of a native grid
 # ----------------------------------------------------------------------------------------------
@@ -297,8 +348,9 @@ def output_coords(mapping: GridMapping, y_name: str, x_name: str, y, x, y_attrs=
 
     lat, lon = geographic_centres(mapping, y, x)
     return {
-        y_name: xr.Variable(y_name, np.asarray(y, np.float64), dict(y_attrs or axis_attrs(mapping, "y"))),
-        x_name: xr.Variable(x_name, np.asarray(x, np.float64), dict(x_attrs or axis_attrs(mapping, "x"))),
+        # the input's attributes, completed with what CF readers use to recognise the axes
+        y_name: xr.Variable(y_name, np.asarray(y, np.float64), {**axis_attrs(mapping, "y"), **dict(y_attrs or {})}),
+        x_name: xr.Variable(x_name, np.asarray(x, np.float64), {**axis_attrs(mapping, "x"), **dict(x_attrs or {})}),
         "lat": xr.Variable((y_name, x_name), lat, dict(LAT_ATTRS)),
         "lon": xr.Variable((y_name, x_name), lon, dict(LON_ATTRS)),
         mapping.name: mapping.variable(),

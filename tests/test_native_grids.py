@@ -40,9 +40,9 @@ def native_dataset(kind: str, ntime=2, factor=1, name="tas", seed=0) -> xr.Datas
     std = ("grid_latitude", "grid_longitude") if kind == "rotated" else ("projection_y_coordinate", "projection_x_coordinate")
     time = np.array([f"2001-{m + 1:02d}-16" for m in range(ntime)], dtype="datetime64[ns]")
     return xr.Dataset(
-        {name: (("time", yn, xn), vals, {"units": "K", "grid_mapping": "crs"}),
+        {name: (("time", yn, xn), vals, {"units": "K", "grid_mapping": "crs", "standard_name": "air_temperature"}),
          "crs": ((), np.int32(0), attrs)},
-        coords={"time": time, yn: (yn, grid.y, {"standard_name": std[0], "units": units}),
+        coords={"time": ("time", time, {"standard_name": "time"}), yn: (yn, grid.y, {"standard_name": std[0], "units": units}),
                 xn: (xn, grid.x, {"standard_name": std[1], "units": units}),
                 "lat": ((yn, xn), lat, {"units": "degrees_north"}), "lon": ((yn, xn), lon, {"units": "degrees_east"})})
 
@@ -174,7 +174,8 @@ def test_dpdm_downscale_round_trip_keeps_the_grid_mapping(tmp_path, model_dir, k
     axes = native_axes(res)
     yn, xn = KINDS[kind][3]
     assert axes is not None and (axes.y, axes.x) == (yn, xn)
-    assert axes.mapping.attrs == native_axes(native_dataset(kind)).mapping.attrs
+    expected = native_axes(native_dataset(kind)).mapping
+    assert axes.mapping.crs == expected.crs and axes.mapping.name == expected.name == "crs"
     assert res["tas"].dims == ("member", "time", yn, xn) and res["lat"].dims == (yn, xn)
     assert res["tas_mean"].attrs["grid_mapping"] == "crs" and res[yn].attrs["units"] == KINDS[kind][4]
     fine = native_dataset(kind, factor=4)
@@ -348,3 +349,21 @@ def test_native_output_passes_the_cf_checker(kind, model_dir, tmp_path):
     errors, warnings = cf_problems(out, tmp_path)
     assert errors == []
     assert all("cell_methods name component member" in m for _, m in warnings), warnings
+
+
+def test_fine_tuning_data_at_another_scale_warns_to_recompute_statistics(tmp_path, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    from dpdm_diffusers.training.data import warn_scale_change
+    from dpdm_diffusers.user_data import load_region
+
+    path = tmp_path / "uk-like.nc"
+    native_dataset("rotated", ntime=3, factor=4).to_netcdf(path)  # detail of 0.3 K against a std of 5 K
+    pairs = load_region(str(path), scale_factor=4).pairs
+    stats = dict(variables=["tas"], transforms=["identity"], norm_std=[5.0], residual_std=[0.5])
+    with caplog.at_level(logging.WARNING, logger="dpdm_diffusers.training"):
+        assert warn_scale_change(pairs, SimpleNamespace(interpolation="bilinear"), stats, None) == ["tas"]
+    assert "--recompute-statistics" in caplog.text
+    stats["residual_std"] = [0.05]  # a base model trained on detail this small: no warning
+    assert warn_scale_change(pairs, SimpleNamespace(interpolation="bilinear"), stats, None) == []
