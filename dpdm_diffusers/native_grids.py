@@ -13,7 +13,7 @@ gives back the file's own names, its ``grid_mapping`` variable and 2-D ``lat``/`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
@@ -48,12 +48,13 @@ class GridMapping:
     """A CF grid mapping: how a grid regular in its own coordinates lies on Earth.
 
     Args:
-        name: the grid-mapping variable's name in the file (e.g. ``"rotated_latitude_longitude"``, ``"crs"``).
+        name: the grid-mapping variable's name in the file (e.g. ``"rotated_latitude_longitude"``, ``"crs"``); not
+            compared: two files that name the same mapping differently are on the same grid.
         attrs: its CF attributes, as sorted ``(key, value)`` pairs (hashable, so grids can be cache keys).
         axis_scale: metres per unit of the projection axes (1 for metres, 1000 for km); 1 for rotated degrees.
     """
 
-    name: str
+    name: str = field(compare=False)
     attrs: tuple
     axis_scale: float = 1.0
 
@@ -90,7 +91,7 @@ class GridMapping:
         return np.asarray(lat), (np.asarray(lon) + 180.0) % 360.0 - 180.0
 
     def from_geographic(self, lat, lon) -> tuple[np.ndarray, np.ndarray]:
-        """Native ``(y, x)`` of geographic points; rotated longitudes are given in -180..180."""
+        """Native ``(y, x)`` of geographic points, as pyproj gives them (rotated longitudes in -180..180)."""
         _, inverse = _transformers(self)
         x, y = inverse.transform(np.asarray(lon, np.float64), np.asarray(lat, np.float64))
         return np.asarray(y) / self.axis_scale, np.asarray(x) / self.axis_scale
@@ -203,13 +204,6 @@ def native_axes(obj) -> NativeAxes | None:
     return NativeAxes(y, x, GridMapping.from_attrs(name, attrs, units))
 
 
-def has_native_grid(obj) -> bool:
-    try:
-        return native_axes(obj) is not None
-    except ValueError:
-        return True
-
-
 def native_grid(attrs, y, x, name: str = "crs", axis_units: str = "m"):
     """A :class:`~dpdm_diffusers.grids.Grid` regular in the coordinates of the CF grid mapping ``attrs`` (e.g. a
     Lambert conformal domain built for a benchmark): ``y``/``x`` are its cell centres, in degrees for a rotated pole
@@ -225,7 +219,8 @@ _GEOGRAPHIC_2D = ("lat", "lon", "latitude", "longitude", "nav_lat", "nav_lon")
 def standardize_native(obj, axes: NativeAxes, time_aliases=("valid_time",)):
     """:func:`dpdm_diffusers.data.standardize` for a grid with a CF grid mapping: axes ``y``/``x`` ascending and
     exactly regular (float32 jitter removed), the mapping variable a coordinate (and every field's ``grid_mapping``),
-    the 2-D lat/lon checked against it and dropped (they are rebuilt on output), the first of ``time_aliases`` present renamed ``time``."""
+    the 2-D lat/lon checked against it and dropped (they are rebuilt on output), the first of ``time_aliases``
+    present renamed ``time``."""
     import xarray as xr
 
     from .grids import check_regular

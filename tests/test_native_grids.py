@@ -367,3 +367,35 @@ def test_fine_tuning_data_at_another_scale_warns_to_recompute_statistics(tmp_pat
     assert "--recompute-statistics" in caplog.text
     stats["residual_std"] = [0.05]  # a base model trained on detail this small: no warning
     assert warn_scale_change(pairs, SimpleNamespace(interpolation="bilinear"), stats, None) == []
+
+
+def test_a_native_run_resumes_after_a_failure_and_another_pole_is_refused(tmp_path, model_dir):
+    from dpdm_diffusers import DownscalingPipeline
+    from dpdm_diffusers.reconstruct import partial_path, reconstruct
+
+    pipe = DownscalingPipeline.from_pretrained(model_dir)
+    pipe.set_progress_bar_config(disable=True)
+    low = data.standardize(native_dataset("rotated", ntime=6))
+    kw = dict(num_members=2, num_inference_steps=1, seed=0, progress=False, chunk_size=2)
+    full = reconstruct(pipe, low, tmp_path / "full.zarr", **kw)
+    calls, real = [], pipe.__call__
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:  # one call per chunk: the third (last) chunk dies
+            raise RuntimeError("simulated kill")
+        return real(*a, **k)
+
+    flaky = DownscalingPipeline.from_pretrained(model_dir)
+    flaky.__class__ = type("Flaky", (DownscalingPipeline,), {"__call__": lambda self, *a, **k: dying(*a, **k)})
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        reconstruct(flaky, low, tmp_path / "part.zarr", **kw)
+    assert partial_path(tmp_path / "part.zarr").exists()
+    moved = low.assign_coords(crs=low["crs"].assign_attrs(grid_north_pole_latitude=38.0))  # same axes, other place
+    with pytest.raises(ValueError, match="input_coords"):
+        reconstruct(pipe, moved, tmp_path / "part.zarr", **kw)
+    res = reconstruct(pipe, low, tmp_path / "part.zarr", **kw)
+    assert (res.chunks_total, res.chunks_computed) == (3, 1)  # the two finished chunks were kept
+    a, b = xr.open_zarr(full.path), xr.open_zarr(res.path)
+    np.testing.assert_array_equal(a["tas"].values, b["tas"].values)
+    assert native_axes(b).mapping == native_axes(low).mapping
