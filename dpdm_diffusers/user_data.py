@@ -218,7 +218,8 @@ def load_region(
         if not isinstance(high_res, xr.Dataset) else "in-memory dataset",
         "low_res": f"{scale_factor}x{scale_factor} block mean" if low_res is None else "given low-res source",
         "variables": ", ".join(f"{a} as {b}" for a, b in variable_map.items()) or ", ".join(variables),
-        "grid": f"{pairs.grid.shape[0]} x {pairs.grid.shape[1]} high-res points",
+        "grid": f"{pairs.grid.shape[0]} x {pairs.grid.shape[1]} high-res points"
+        + (f" on a {pairs.grid.mapping.kind} grid" if pairs.grid.mapping is not None else ""),
         "train": str(list(train_time)) if train_time else ("all but validation" if train else "all"),
         "validation": (str(list(validation_time)) if validation_time else "")
         + (f" box lat {list(validation_lat_box or [])} lon {list(validation_lon_box or [])}" if vbox else "") or "none",

@@ -57,8 +57,9 @@ def regrid_file(input: str | os.PathLike, output: str | os.PathLike, like: str |
     y_attrs, x_attrs = raw_like[layout["y"]].attrs, raw_like[layout["x"]].attrs
     out = out.rename({"y": layout["y"], "x": layout["x"]})
     out = out.assign_coords(output_coords(target.mapping, layout["y"], layout["x"], target.y, target.x, y_attrs, x_attrs))
-    out.attrs.update(history=f"regridded from {in_path.name} ({method}) onto the {target.describe()} of {like_path.name} "
-                     f"coarsened {scale_factor}x by dpdm regrid")
+    step = (f"regridded from {in_path.name} ({method}) onto the {target.describe()} of {like_path.name} coarsened "
+            f"{scale_factor}x by dpdm regrid")
+    out.attrs["history"] = f"{src.attrs.get('history', '')}\n{step}".strip()  # CF: appended, the input's kept
     return write_dataset(out.load(), output, overwrite=overwrite)
 
 
