@@ -187,7 +187,7 @@ def native_axes(obj) -> NativeAxes | None:
         if _axis(obj, Y_STANDARD_NAMES, Y_NAMES) is None:
             return None  # a lat/lon DataArray whose (latitude_longitude) mapping stayed in its Dataset
         raise ValueError(f"The data point to the CF grid mapping {name!r}, but no variable of that name is present: "
-                         "keep it when selecting variables (e.g. open the whole file, or ds[[var, {name!r}]]).")
+                         f"keep it when selecting a variable (ds.set_coords({name!r})[var], or pass the Dataset).")
     attrs = dict(holder[name].attrs)
     kind = attrs.get("grid_mapping_name", "")
     if kind in ("latitude_longitude", ""):

@@ -399,3 +399,11 @@ def test_a_native_run_resumes_after_a_failure_and_another_pole_is_refused(tmp_pa
     a, b = xr.open_zarr(full.path), xr.open_zarr(res.path)
     np.testing.assert_array_equal(a["tas"].values, b["tas"].values)
     assert native_axes(b).mapping == native_axes(low).mapping
+
+
+def test_a_dataarray_that_left_its_grid_mapping_behind_is_refused_with_the_fix():
+    ds = native_dataset("rotated")
+    with pytest.raises(ValueError, match=r"ds.set_coords\('crs'\)\[var\]"):
+        make_pipeline(static=())(ds["tas"], num_members=1, num_inference_steps=1)
+    out = make_pipeline(static=())(ds.set_coords("crs")["tas"], num_members=1, num_inference_steps=1)
+    assert out.members.dims == ("member", "time", "rlat", "rlon") and out.members.attrs["grid_mapping"] == "crs"
