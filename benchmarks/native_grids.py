@@ -128,17 +128,11 @@ def run_uk(args) -> dict:
     lat, lon = grid.geographic()
     figure(args, "uk" + args.suffix, truth[var].isel(time=0, model_level_number=0), bicubic[var].isel(time=0, model_level_number=0),
            members[var].isel(time=0, model_level_number=0), static["land_sea_mask"], grid, "theta, model level 1 (K)")
-    return {
-        "command": "python benchmarks/native_grids.py " + " ".join(sys.argv[1:]),
-        "finetune_command": (f"dpdm finetune theta.nc -o {rel(run)} --variable air_potential_temperature=surface_temperature "
-                             f"--static topography=orography.nc --validation-lat-box 52.6,53.5 --validation-lon-box -4.2,-2.5 "
-                             f"--steps {args.steps} --regression-steps {args.regression_steps} --learning-rate {args.learning_rate:g}"
-                             + (" --config restats.yaml (recompute_statistics: true)" if args.recompute_statistics else "")),
-        "train_argv": argv, "fine_tuning_wall_s": wall, "training_summary": _summary(run),
-        "members": args.members, "sampler_steps": args.sampler_steps, "inference_s": timings, "rows": rows,
-        "domain": (f"held-out box {UK_BOX}: {grid.shape[0]} x {grid.shape[1]} fine cells (1.5 km), "
-                   f"lat {lat.min():.2f}..{lat.max():.2f}, lon {lon.min():.2f}..{lon.max():.2f}; 3 times x 7 levels = 21 fields"),
-    }
+    return _result(args, run, argv, wall, timings, rows,
+                   "theta.nc --variable air_potential_temperature=surface_temperature --static topography=orography.nc "
+                   "--validation-lat-box 52.6,53.5 --validation-lon-box -4.2,-2.5",
+                   domain=(f"held-out box {UK_BOX}: {grid.shape[0]} x {grid.shape[1]} fine cells (1.5 km), lat "
+                           f"{lat.min():.2f}..{lat.max():.2f}, lon {lon.min():.2f}..{lon.max():.2f}; 3 times x 7 levels = 21 fields"))
 
 
 def run_lambert(args) -> dict:
@@ -165,7 +159,7 @@ def run_lambert(args) -> dict:
     coarse = run_dir / "na-lambert-a1b-coarse.nc"
     if not coarse.exists():  # the README's step: the GCM's lat/lon field onto the coarse (400 km) Lambert grid
         regrid_file(sample_file("A1B_north_america.nc"), coarse, e1, scale_factor=4, method="conservative",
-                    variables=[var])
+                    variables=[var], time=("2050", "2099"))
     run = run_dir / ("na-lambert" + args.suffix)
     argv, wall = finetune(args, [str(e1)], run, variable=["air_temperature=surface_temperature"],
                           train_time="1860,2000", validation_time="2001,2020")
@@ -178,18 +172,24 @@ def run_lambert(args) -> dict:
     figure(args, "lambert" + args.suffix, truth[var].isel(time=-1), bicubic[var].isel(time=-1), members[var].isel(time=-1),
            static["land_sea_mask"], Grid.from_xarray(truth), "1.5 m air temperature, 2099 (K)")
     lat, lon = grid.geographic()
+    return _result(args, run, argv, wall, timings, rows,
+                   "na-lambert-e1.nc --variable air_temperature=surface_temperature --train-time 1860,2000 "
+                   "--validation-time 2001,2020",
+                   domain=(f"Lambert conformal {LAMBERT}, 100 km cells, {grid.shape[0]} x {grid.shape[1]}, lat "
+                           f"{lat.min():.1f}..{lat.max():.1f}, lon {lon.min():.1f}..{lon.max():.1f}; A1B 2050-2099 (50 fields)"),
+                   regrid_command="dpdm regrid A1B_north_america.nc -o na-lambert-a1b-coarse.nc --like na-lambert-e1.nc "
+                                  "--scale-factor 4 --method conservative --variables air_temperature --time 2050,2099")
+
+
+def _result(args, run: Path, argv: str, wall, timings: dict, rows: dict, finetune_args: str, **extra) -> dict:
+    """What a case records: the commands that made it, the fine-tuning's summary, timings and the scored rows."""
     return {
         "command": "python benchmarks/native_grids.py " + " ".join(sys.argv[1:]),
-        "finetune_command": (f"dpdm finetune na-lambert-e1.nc -o {rel(run)} --variable air_temperature=surface_temperature "
-                             f"--train-time 1860,2000 --validation-time 2001,2020 --steps {args.steps} "
-                             f"--regression-steps {args.regression_steps} --learning-rate {args.learning_rate:g}"
-                             + (" --config restats.yaml (recompute_statistics: true)" if args.recompute_statistics else "")),
-        "regrid_command": "dpdm regrid A1B_north_america.nc -o na-lambert-a1b-coarse.nc --like na-lambert-e1.nc "
-                          "--scale-factor 4 --method conservative --variables air_temperature",
+        "finetune_command": (f"dpdm finetune {finetune_args} -o {rel(run)} --steps {args.steps} --regression-steps "
+                             f"{args.regression_steps} --learning-rate {args.learning_rate:g}"
+                             + (" --recompute-statistics" if args.recompute_statistics else "")),
         "train_argv": argv, "fine_tuning_wall_s": wall, "training_summary": _summary(run),
-        "members": args.members, "sampler_steps": args.sampler_steps, "inference_s": timings, "rows": rows,
-        "domain": (f"Lambert conformal {LAMBERT}, 100 km cells, {grid.shape[0]} x {grid.shape[1]}, "
-                   f"lat {lat.min():.1f}..{lat.max():.1f}, lon {lon.min():.1f}..{lon.max():.1f}; A1B 2050-2099 (50 fields)"),
+        "members": args.members, "sampler_steps": args.sampler_steps, "inference_s": timings, "rows": rows, **extra,
     }
 
 
