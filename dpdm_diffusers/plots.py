@@ -35,7 +35,8 @@ def _save(fig, path, dpi: int) -> Path:
 
 
 def _field(a, what: str):
-    """(x, y, 2-D values, is_geographic) from a 2-D DataArray (lat, lon) or a 2-D numpy array."""
+    """(x, y, 2-D values, has_coordinates) from a 2-D DataArray (lat, lon, or a rotated or projected grid's own axes)
+    or a 2-D numpy array."""
     if hasattr(a, "dims"):
         a = a.squeeze(drop=True)
         if a.ndim != 2:
@@ -43,8 +44,11 @@ def _field(a, what: str):
                 f"`{what}` must be a single 2-D (lat, lon) field, got dims {tuple(a.dims)}; "
                 "select one time/member first (e.g. `.isel(time=0)`)."
             )
-        la = next((d for d in _LAT if d in a.dims), None)
-        lo = next((d for d in _LON if d in a.dims), None)
+        from .native_grids import native_axes
+
+        axes = native_axes(a)  # a rotated or projected grid: drawn in its own coordinates
+        la = axes.y if axes else next((d for d in _LAT if d in a.dims), None)
+        lo = axes.x if axes else next((d for d in _LON if d in a.dims), None)
         if la is not None and lo is not None:
             a = a.transpose(la, lo)
             return np.asarray(a[lo].values, float), np.asarray(a[la].values, float), np.asarray(a.values, float), True
@@ -54,6 +58,16 @@ def _field(a, what: str):
         if v.ndim != 2:
             raise ValueError(f"`{what}` must be 2-D, got shape {v.shape}.")
     return np.arange(v.shape[1]), np.arange(v.shape[0]), v, False
+
+
+def _axis_labels(a, has_coordinates: bool) -> tuple[str, str]:
+    """Axis labels: degrees on a lat/lon grid, a rotated or projected grid's own axes and units, else grid indices."""
+    from .native_grids import native_axes
+
+    axes = native_axes(a) if has_coordinates and hasattr(a, "dims") else None
+    if axes is not None:
+        return tuple(f"{d} ({a[d].attrs.get('units', '')})".replace(" ()", "") for d in (axes.x, axes.y))
+    return ("longitude (deg E)", "latitude (deg N)") if has_coordinates else ("x (grid index)", "y (grid index)")
 
 
 def _finite(*arrays) -> np.ndarray:
@@ -142,10 +156,11 @@ def plot_maps(
         ax.tick_params(labelsize=8)
         if geo:
             ax.set_aspect("equal", adjustable="box")
+    xlabel, ylabel = _axis_labels(truth, geo)
     for ax in axes[-1, :]:
-        ax.set_xlabel("longitude (deg E)" if geo else "x (grid index)", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=9)
     for ax in axes[:, 0]:
-        ax.set_ylabel("latitude (deg N)" if geo else "y (grid index)", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=13)
     return _save(fig, path, dpi)

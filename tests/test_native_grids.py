@@ -407,3 +407,12 @@ def test_a_dataarray_that_left_its_grid_mapping_behind_is_refused_with_the_fix()
         make_pipeline(static=())(ds["tas"], num_members=1, num_inference_steps=1)
     out = make_pipeline(static=())(ds.set_coords("crs")["tas"], num_members=1, num_inference_steps=1)
     assert out.members.dims == ("member", "time", "rlat", "rlon") and out.members.attrs["grid_mapping"] == "crs"
+
+
+def test_maps_of_a_native_field_are_labelled_with_its_own_axes(tmp_path):
+    from dpdm_diffusers import plots
+
+    ds = native_dataset("rotated")
+    field = ds.set_coords("crs")["tas"].isel(time=0)
+    assert plots._axis_labels(field, True) == ("rlon (degrees)", "rlat (degrees)")
+    assert plots.plot_maps(field, field, field, field, field * 0, tmp_path / "m.png").stat().st_size > 1000
