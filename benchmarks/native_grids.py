@@ -150,7 +150,7 @@ def run_lambert(args) -> dict:
     def on_lambert(path, time_range, out):
         if not out.exists():
             ds = regrid_to_native(open_dataset(path, variables=[var], time=time_range), grid, "bilinear")
-            ds = ds.assign_coords(output_coords(grid.mapping, "y", "x", grid.y, grid.x))
+            ds = ds.assign_coords(output_coords(grid, "y", "x"))
             ds.drop_vars([c for c in ("forecast_period", "forecast_reference_time") if c in ds.coords]).to_netcdf(out)
         return out
 

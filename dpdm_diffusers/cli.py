@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     except SystemExit:
         raise
     except Exception as err:  # noqa: BLE001 - every error a user can cause ends as one line
-        if debug or os.environ.get("DPDM_DEBUG") == "1":
+        if debug:
             raise
         typer.echo(f"Error: {_one_line(err)} (dpdm --debug ... shows the traceback)", err=True)
         # zarr's writer tasks aborted by that error are reported by asyncio at exit, traceback and all, whenever the

@@ -477,7 +477,8 @@ def coarsen(high_res: xr.Dataset, factor: int) -> xr.Dataset:
 
 
 def regrid(obj, grid: Grid, method="bilinear"):
-    """Interpolate ``obj`` (dims ``lat``/``lon``) onto ``grid`` with :func:`grids.interpolate` (lazy).
+    """Interpolate ``obj`` (dims ``lat``/``lon``, or a native grid's axes) onto ``grid`` with :func:`grids.interpolate`
+    (lazy); a lat/lon field for a native ``grid`` goes through :func:`regrid_to_native`.
 
     ``method``: ``"bilinear"``/``"bicubic"``, or for a Dataset one per data variable (a list in their order, as a
     model's ``interpolation`` holds them).
@@ -492,34 +493,25 @@ def regrid(obj, grid: Grid, method="bilinear"):
             return regrid_to_native(obj, grid, method)
         raise ValueError(f"Cannot interpolate from a {src.describe()} to a {grid.describe()}: regrid the data to "
                          "the target's grid or to regular lat/lon first.")
-    if src.mapping is not None:
-        names = grid_dims(obj)
-        if isinstance(obj, xr.Dataset):
-            methods = interpolation_methods(method, len(obj.data_vars))
-            out = xr.Dataset({k: _regrid_array(v, src, grid, m, names) for (k, v), m in zip(obj.data_vars.items(), methods)},
-                             attrs=obj.attrs)
-        else:
-            out = _regrid_array(obj, src, grid, method, names)
-        return out.assign_coords({names[0]: xr.DataArray(grid.y, dims=names[0], attrs=obj[names[0]].attrs),
-                                  names[1]: xr.DataArray(grid.x, dims=names[1], attrs=obj[names[1]].attrs)})
-    if not src.periodic:
+    ya, xa = grid_dims(obj)  # lat/lon, or a native grid's y/x (same mapping: interpolated on its own axes)
+    if src.mapping is None and not src.periodic:
         shift = 360.0 * np.round((np.mean(grid.lon) - np.mean(src.lon)) / 360.0)
         if shift:
-            obj = obj.assign_coords(lon=obj["lon"] + shift)
+            obj = obj.assign_coords({xa: obj[xa] + shift})
             src = Grid(src.lat, src.lon + shift)
     if isinstance(obj, xr.Dataset):
         methods = interpolation_methods(method, len(obj.data_vars))
-        out = xr.Dataset({k: _regrid_array(v, src, grid, m) for (k, v), m in zip(obj.data_vars.items(), methods)},
+        out = xr.Dataset({k: _regrid_array(v, src, grid, m, (ya, xa)) for (k, v), m in zip(obj.data_vars.items(), methods)},
                          attrs=obj.attrs)
     else:
         if not isinstance(method, str):
             raise ValueError(f"One interpolation method regrids a DataArray, got {method!r}.")
-        out = _regrid_array(obj, src, grid, method)
-    return out.assign_coords(lat=xr.DataArray(grid.lat, dims="lat", attrs=obj["lat"].attrs),
-                             lon=xr.DataArray(grid.lon, dims="lon", attrs=obj["lon"].attrs))
+        out = _regrid_array(obj, src, grid, method, (ya, xa))
+    return out.assign_coords({ya: xr.DataArray(grid.lat, dims=ya, attrs=obj[ya].attrs),
+                              xa: xr.DataArray(grid.lon, dims=xa, attrs=obj[xa].attrs)})
 
 
-def _regrid_array(da: xr.DataArray, src: Grid, grid: Grid, method: str, dims=("lat", "lon")) -> xr.DataArray:
+def _regrid_array(da: xr.DataArray, src: Grid, grid: Grid, method: str, dims: tuple[str, str]) -> xr.DataArray:
     ya, xa = dims
     if not np.issubdtype(da.dtype, np.floating):
         da = da.astype(np.float32)  # interpolation keeps the input dtype: integers would truncate

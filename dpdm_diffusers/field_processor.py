@@ -343,12 +343,8 @@ class FieldProcessor:
         ds_in, lat_name, lon_name = layout.template, layout.lat_name, layout.lon_name
         m = members.shape[0]
         members = members.reshape(m, *layout.batch_shape, *members.shape[-3:])  # (M, *batch, V, H, W)
-        if dst.mapping is not None:  # the native axes, 2-D lat/lon and the grid mapping, as CF tools read the input
-            coords = output_coords(dst.mapping, lat_name, lon_name, dst.y, dst.x, ds_in[lat_name].attrs,
-                                   ds_in[lon_name].attrs)
-        else:
-            coords = {lat_name: xr.Variable(lat_name, dst.lat, ds_in[lat_name].attrs),
-                      lon_name: xr.Variable(lon_name, dst.lon, ds_in[lon_name].attrs)}
+        # a native grid also gets 2-D lat/lon and its grid mapping, as CF tools read the input
+        coords = output_coords(dst, lat_name, lon_name, ds_in[lat_name].attrs, ds_in[lon_name].attrs)
         coords[member_dim] = xr.Variable(member_dim, np.arange(m), {"long_name": "ensemble member"})
         for name, c in ds_in.coords.items():  # time, scalar and other non-spatial coords carry through
             if name not in coords and not ({lat_name, lon_name} & set(c.dims)):
@@ -406,9 +402,7 @@ def _on_target_grid(f, name: str, dst: Grid) -> np.ndarray:
         src = Grid.from_xarray(f)
         ya, xa = grid_dims(f)
         f = f.sortby([ya, xa]).squeeze(drop=True)
-        ok = src.mapping == dst.mapping and src.shape == dst.shape and np.allclose(
-            np.sort(src.y), dst.y, atol=1e-3 * dst.dlat) and np.allclose(np.sort(src.x), dst.x, atol=1e-3 * dst.dlon)
-        if not ok:
+        if not src.same_cells(dst):
             raise ValueError(f"Static field {name!r} is on a {src.describe()}, the target is a {dst.describe()}: "
                              "give it on the target grid (get_static_fields(grid, sources=...) regrids a file).")
         return f.transpose(ya, xa).values

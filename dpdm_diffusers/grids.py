@@ -216,6 +216,12 @@ class Grid:
 
         return geographic_centres(self.mapping, self.lat, self.lon)
 
+    def same_cells(self, other: Grid) -> bool:
+        """Whether ``other`` has the same mapping and cell centres (either order, to a thousandth of a cell)."""
+        return (self.mapping == other.mapping and self.shape == other.shape
+                and np.allclose(np.sort(self.lat), np.sort(other.lat), atol=1e-3 * self.dlat)
+                and np.allclose(np.sort(self.lon), np.sort(other.lon), atol=1e-3 * self.dlon))
+
     def describe(self) -> str:
         kind = "lat/lon grid" if self.mapping is None else self.mapping.describe()
         return f"{self.shape[0]}x{self.shape[1]} {kind}"

@@ -35,6 +35,7 @@ import pandas as pd
 import xarray as xr
 
 from .grids import Grid, area_weights, grid_dims, lat_lon_names
+from .native_grids import box_slices, native_axes
 
 Dims = Hashable | Sequence[Hashable] | None
 
@@ -102,13 +103,11 @@ def select_region(obj, region: str | Box | tuple | None):
     lon_min, lon_max, lat_min, lat_max = (float(v) for v in region)
     if lat_min > lat_max:
         raise ValueError(f"Box latitudes must satisfy lat_min <= lat_max, got {lat_min}, {lat_max}.")
-    grid = Grid.from_xarray(obj)
-    if grid.mapping is not None:  # a rotated or projected grid: the cells whose centres lie in the box
-        from .native_grids import box_slices
-
-        ya, xa = grid_dims(obj)
+    axes = native_axes(obj)
+    if axes is not None:  # a rotated or projected grid: the cells whose centres lie in the box
+        grid = Grid(obj[axes.y].values, obj[axes.x].values, axes.mapping)
         rows, cols = box_slices(*grid.geographic(), (lat_min, lat_max), (lon_min, lon_max))
-        return obj.isel({ya: rows, xa: cols})
+        return obj.isel({axes.y: rows, axes.x: cols})
     la, lo = lat_lon_names(obj)
     lat = np.asarray(obj[la].values, dtype=np.float64)
     lon = np.asarray(obj[lo].values, dtype=np.float64)
@@ -172,11 +171,12 @@ def _as_list(dims: Dims, default: Iterable[Hashable]) -> list[Hashable]:
 def _weights(obj: xr.DataArray, area_weighted: bool) -> xr.DataArray | None:
     if not area_weighted:
         return None
-    ya, xa = grid_dims(obj)
-    grid = Grid.from_xarray(obj)
-    if grid.mapping is None:
-        return np.cos(np.deg2rad(obj[ya])).clip(min=0.0)
-    return xr.DataArray(area_weights(grid), dims=(ya, xa), coords={ya: obj[ya], xa: obj[xa]})
+    axes = native_axes(obj)  # a lat/lon field (any selection of it) needs only its latitudes, never a Grid
+    if axes is None:
+        la, _ = lat_lon_names(obj)
+        return np.cos(np.deg2rad(obj[la])).clip(min=0.0)
+    grid = Grid(obj[axes.y].values, obj[axes.x].values, axes.mapping)
+    return xr.DataArray(area_weights(grid), dims=(axes.y, axes.x), coords={axes.y: obj[axes.y], axes.x: obj[axes.x]})
 
 
 def _wmean(x: xr.DataArray, dims: Sequence[Hashable], weights: xr.DataArray | None) -> xr.DataArray:

@@ -265,8 +265,16 @@ def standardize_native(obj, axes: NativeAxes, time_aliases=("valid_time",)):
 # geography of a native grid
 # ----------------------------------------------------------------------------------------------
 def geographic_centres(mapping: GridMapping, y, x) -> tuple[np.ndarray, np.ndarray]:
-    """2-D ``(lat, lon)`` of the cell centres of the grid with 1-D axes ``y``, ``x``."""
-    yy, xx = np.meshgrid(np.asarray(y, np.float64), np.asarray(x, np.float64), indexing="ij")
+    """2-D ``(lat, lon)`` of the cell centres of the grid with 1-D axes ``y``, ``x`` (memoised: a streamed run asks
+    for the same grid's once per chunk)."""
+    y, x = np.ascontiguousarray(y, np.float64), np.ascontiguousarray(x, np.float64)
+    lat, lon = _centres(mapping, y.tobytes(), x.tobytes())
+    return lat.copy(), lon.copy()
+
+
+@lru_cache(maxsize=16)
+def _centres(mapping: GridMapping, y_key: bytes, x_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.meshgrid(np.frombuffer(y_key), np.frombuffer(x_key), indexing="ij")
     return mapping.to_geographic(yy, xx)
 
 
@@ -277,7 +285,9 @@ def footprint_points(mapping: GridMapping, y, x, per_cell: int) -> tuple[np.ndar
     one cell)."""
     from .grids import refine
 
-    return geographic_centres(mapping, refine(y, per_cell), refine(x, per_cell))
+    # not memoised (geographic_centres is): per_cell**2 points per cell, needed once per static field or regrid
+    yy, xx = np.meshgrid(refine(y, per_cell), refine(x, per_cell), indexing="ij")
+    return mapping.to_geographic(yy, xx)
 
 
 def check_geographic_coords(obj, axes: NativeAxes, tolerance_cells: float = 0.5) -> None:
@@ -336,11 +346,15 @@ def box_slices(lat2, lon2, lat=None, lon=None) -> tuple[slice, slice]:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def output_coords(mapping: GridMapping, y_name: str, x_name: str, y, x, y_attrs=None, x_attrs=None) -> dict:
-    """Coordinates of a native grid for output: the 1-D axes with their attributes, 2-D geographic ``lat``/``lon``
-    (CF auxiliary coordinates) and the grid-mapping variable, so CF tools read the result as they read the input."""
+def output_coords(grid, y_name: str, x_name: str, y_attrs=None, x_attrs=None) -> dict:
+    """Spatial coordinates of ``grid`` (a :class:`~dpdm_diffusers.grids.Grid`) for output, under the caller's dim
+    names: the 1-D axes with the caller's attributes; on a native grid also 2-D geographic ``lat``/``lon`` (CF
+    auxiliary coordinates) and the grid-mapping variable, so CF tools read the result as they read the input."""
     import xarray as xr
 
+    mapping, y, x = grid.mapping, grid.lat, grid.lon
+    if mapping is None:
+        return {y_name: xr.Variable(y_name, y, dict(y_attrs or {})), x_name: xr.Variable(x_name, x, dict(x_attrs or {}))}
     lat, lon = geographic_centres(mapping, y, x)
     return {
         # the input's attributes, completed with what CF readers use to recognise the axes

@@ -43,20 +43,17 @@ def regrid_to_native(obj, grid: Grid, method: str = "bilinear"):
     if method == "bilinear":
         if src.periodic:  # one wrapped column, so centres between the last and first longitude are inside
             obj = xr.concat([obj, obj.isel({lo: [0]}).assign_coords({lo: [lon_src[0] + 360.0]})], dim=lo)
-        lat_t = xr.DataArray(lat2, dims=("y", "x"))
-        lon_t = xr.DataArray(np.where(lon2 < np.asarray(obj[lo]).min(), lon2 + 360.0, lon2), dims=("y", "x"))
-        out = obj.interp({la: lat_t, lo: lon_t}, method="linear").drop_vars([la, lo], errors="ignore")
+        at = {la: xr.DataArray(lat2, dims=("y", "x")), lo: xr.DataArray(lon2, dims=("y", "x"))}
+        out = obj.interp(at, method="linear").drop_vars([la, lo], errors="ignore")
     else:
         from .static_fields import footprint_mean
 
-        def one(da):
+        def one(da):  # every time step at once: the footprint points are placed once
             core = da.transpose(..., la, lo)
-            lead = core.shape[:-2]
-            flat = np.asarray(core.values, np.float64).reshape(-1, *src.shape)
-            res = np.stack([footprint_mean(f, src, grid, method="nearest") for f in flat])
             dims = [d for d in core.dims if d not in (la, lo)]
-            return xr.DataArray(res.reshape(*lead, *grid.shape).astype(np.float32), dims=(*dims, "y", "x"),
-                                coords={d: core[d] for d in dims if d in core.coords}, attrs=da.attrs)
+            res = footprint_mean(core.values, src, grid, method="nearest").astype(np.float32)
+            return xr.DataArray(res, dims=(*dims, "y", "x"), coords={d: core[d] for d in dims if d in core.coords},
+                                attrs=da.attrs)
 
         out = xr.Dataset({k: one(v) for k, v in obj.data_vars.items()}, attrs=obj.attrs) if isinstance(
             obj, xr.Dataset) else one(obj)

@@ -137,11 +137,7 @@ def _template(pipe, low_res: xr.Dataset, out_names: dict, grid, num_members: int
     ny, nx = grid.shape
     cy, cx = min(ny, SPATIAL_CHUNK), min(nx, SPATIAL_CHUNK)
     ya, xa = grid_dims(low_res)
-    coords = {"time": low_res["time"]}
-    if grid.mapping is not None:  # native axes, 2-D lat/lon and the grid mapping (native_grids.output_coords)
-        coords.update(output_coords(grid.mapping, ya, xa, grid.y, grid.x, low_res[ya].attrs, low_res[xa].attrs))
-    else:
-        coords.update({ya: xr.Variable(ya, grid.lat, low_res[ya].attrs), xa: xr.Variable(xa, grid.lon, low_res[xa].attrs)})
+    coords = {"time": low_res["time"], **output_coords(grid, ya, xa, low_res[ya].attrs, low_res[xa].attrs)}
     if members:
         coords[member_dim] = xr.Variable(member_dim, np.arange(num_members), {"long_name": "ensemble member"})
     for name, c in low_res.coords.items():  # scalar and time-only coordinates carry through (height, forecast_period)

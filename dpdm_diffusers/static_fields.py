@@ -271,13 +271,13 @@ def area_average(values: np.ndarray, src: Grid, dst: Grid) -> np.ndarray:
 
 
 def footprint_mean(values: np.ndarray, src: Grid, dst: Grid, method: str = "nearest") -> np.ndarray:
-    """Mean of a regular lat/lon field ``values`` over the footprint on Earth of each cell of the native grid ``dst``:
-    ``k x k`` points per cell (:func:`~dpdm_diffusers.native_grids.footprint_points`), ``k`` so that they lie at most
-    half a source cell apart (at most 8), each read from the source by ``method`` (``"nearest"`` for a source of cell
-    means, ``"linear"`` for point values). A cell smaller than half a source cell (one point) reads the source
-    bilinearly either way, as a finer target interpolates a coarser user field: a blocky copy of the source cells
-    would draw their edges (a 9 km staircase coastline on a 1.5 km grid) into the static channels. Points outside the
-    source are NaN, and so is any cell that has one."""
+    """Mean of regular lat/lon fields ``values`` (``(..., src.lat, src.lon)``) over the footprint on Earth of each
+    cell of the native grid ``dst``: ``k x k`` points per cell (:func:`~dpdm_diffusers.native_grids.footprint_points`,
+    placed once for all fields), ``k`` so that they lie at most half a source cell apart (at most 8), each read from
+    the source by ``method`` (``"nearest"`` for a source of cell means, ``"linear"`` for point values). A cell smaller
+    than half a source cell (one point) reads the source bilinearly either way, as a finer target interpolates a
+    coarser user field: a blocky copy of the source cells would draw their edges (a 9 km staircase coastline on a
+    1.5 km grid) into the static channels. Points outside the source are NaN, and so is any cell that has one."""
     from scipy.interpolate import RegularGridInterpolator
 
     from .native_grids import footprint_points
@@ -290,23 +290,27 @@ def footprint_mean(values: np.ndarray, src: Grid, dst: Grid, method: str = "near
     if k == 1:
         method = "linear"
     plat, plon = footprint_points(dst.mapping, dst.y, dst.x, k)
-    slat, slon, v = src.lat, src.lon, np.asarray(values, dtype=np.float64)
+    values = np.asarray(values, dtype=np.float64)
+    lead = values.shape[:-2]
+    v = np.moveaxis(values.reshape(-1, *src.shape), 0, -1)  # (lat, lon, fields): one interpolation for all fields
+    slat, slon = src.lat, src.lon
     if slat[0] > slat[-1]:
         slat, v = slat[::-1], v[::-1]
     if slon[0] > slon[-1]:
         slon, v = slon[::-1], v[:, ::-1]
-    plon = slon.min() + np.mod(plon - slon.min(), 360.0)  # face the source's longitude convention
+    plon = slon[0] + np.mod(plon - slon[0], 360.0)  # face the source's longitude convention
     if src.periodic:  # one column more at the seam, so points between the last and the first centre are inside
-        slon, v = np.concatenate([slon, [slon[0] + 360.0]]), np.concatenate([v, v[:, :1]], axis=1)
-        plon = np.where(plon < slon[0], plon + 360.0, plon)
-    interp = RegularGridInterpolator((slat, slon), v, method=method, bounds_error=False, fill_value=np.nan)
-    # points within half a cell beyond the outer centres still lie in the outer cells
-    lat_q = np.clip(plat, slat[0], slat[-1]) if src.periodic else np.where(
-        np.abs(np.clip(plat, slat[0], slat[-1]) - plat) <= src.dlat / 2, np.clip(plat, slat[0], slat[-1]), np.nan)
-    lon_q = np.where(np.abs(np.clip(plon, slon[0], slon[-1]) - plon) <= src.dlon / 2, np.clip(plon, slon[0], slon[-1]), np.nan)
-    sampled = interp(np.stack([lat_q.ravel(), lon_q.ravel()], axis=-1)).reshape(plat.shape)
+        slon, v = np.append(slon, slon[0] + 360.0), np.concatenate([v, v[:, :1]], axis=1)
+
+    def inside(p, axis, half):  # within half a cell beyond the outer centres: still in the outer cell
+        held = np.clip(p, axis[0], axis[-1])
+        return np.where(np.abs(held - p) <= half, held, np.nan)
+
+    points = np.stack([inside(plat, slat, src.dlat / 2).ravel(), inside(plon, slon, src.dlon / 2).ravel()], axis=-1)
+    sampled = RegularGridInterpolator((slat, slon), v, method=method, bounds_error=False, fill_value=np.nan)(points)
     ny, nx = dst.shape
-    return sampled.reshape(ny, k, nx, k).mean(axis=(1, 3))
+    means = sampled.reshape(ny, k, nx, k, -1).mean(axis=(1, 3))  # (ny, nx, fields)
+    return np.moveaxis(means, -1, 0).reshape(*lead, ny, nx)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -350,24 +354,23 @@ _NATIVE_VERSION = "footprint-mean-v2"  # bump when the footprint averaging on na
 def static_dataset(grid: Grid, fields: Mapping[str, np.ndarray], source: Mapping[str, str] | None = None) -> xr.Dataset:
     """Wrap ``{name: (lat, lon) array}`` as a CF-annotated Dataset on ``grid`` (dims ``y``/``x``, 2-D ``lat``/``lon``
     and the grid mapping on a native grid)."""
-    if grid.mapping is not None:
-        from .native_grids import output_coords
+    from .native_grids import output_coords
 
-        coords = output_coords(grid.mapping, "y", "x", grid.y, grid.x)
-        return xr.Dataset({name: xr.DataArray(np.asarray(v, dtype=np.float32), dims=("y", "x"),
-                                              attrs={**STATIC_ATTRS.get(name, {}), "grid_mapping": grid.mapping.name,
-                                                     **({"source": source[name]} if source and name in source else {})})
-                           for name, v in fields.items()}, coords=coords)
-    coords = {
-        "lat": xr.DataArray(grid.lat, dims="lat", attrs={"units": "degrees_north", "standard_name": "latitude"}),
-        "lon": xr.DataArray(grid.lon, dims="lon", attrs={"units": "degrees_east", "standard_name": "longitude"}),
-    }
+    if grid.mapping is None:
+        dims = ("lat", "lon")
+        coords = output_coords(grid, *dims, {"units": "degrees_north", "standard_name": "latitude"},
+                               {"units": "degrees_east", "standard_name": "longitude"})
+    else:
+        dims = ("y", "x")
+        coords = output_coords(grid, *dims)
     data = {}
     for name, values in fields.items():
         attrs = dict(STATIC_ATTRS.get(name, {}))
+        if grid.mapping is not None:
+            attrs["grid_mapping"] = grid.mapping.name
         if source and name in source:
             attrs["source"] = source[name]
-        data[name] = xr.DataArray(np.asarray(values, dtype=np.float32), dims=("lat", "lon"), attrs=attrs)
+        data[name] = xr.DataArray(np.asarray(values, dtype=np.float32), dims=dims, attrs=attrs)
     return xr.Dataset(data, coords=coords)
 
 
@@ -437,9 +440,7 @@ def _user_field(source, name: str, grid: Grid, rename: Mapping[str, str] | None 
     elif src.mapping is None:  # a lat/lon file (ERA5 `z`, CMIP `orog`) for a rotated or projected target
         out = footprint_mean(values, src, grid, method="linear")
     elif src.mapping == grid.mapping:  # on the target's own grid (or another resolution of it)
-        same = src.shape == grid.shape and np.allclose(src.y, grid.y, atol=1e-3 * grid.dlat) and np.allclose(
-            src.x, grid.x, atol=1e-3 * grid.dlon)
-        out = values if same else interpolate(values, src, grid, method="bilinear")
+        out = values if src.same_cells(grid) else interpolate(values, src, grid, method="bilinear")
     else:
         raise ValueError(f"The {name} file is on a {src.describe()}, the target on a {grid.describe()}: give it on "
                          "the target's grid, or on a regular lat/lon grid (it is then averaged over each cell).")

@@ -56,7 +56,7 @@ def regrid_file(input: str | os.PathLike, output: str | os.PathLike, like: str |
     layout = data.input_layout(raw_like)
     y_attrs, x_attrs = raw_like[layout["y"]].attrs, raw_like[layout["x"]].attrs
     out = out.rename({"y": layout["y"], "x": layout["x"]})
-    out = out.assign_coords(output_coords(target.mapping, layout["y"], layout["x"], target.y, target.x, y_attrs, x_attrs))
+    out = out.assign_coords(output_coords(target, layout["y"], layout["x"], y_attrs, x_attrs))
     step = (f"regridded from {in_path.name} ({method}) onto the {target.describe()} of {like_path.name} coarsened "
             f"{scale_factor}x by dpdm regrid")
     out.attrs["history"] = f"{src.attrs.get('history', '')}\n{step}".strip()  # CF: appended, the input's kept

@@ -94,6 +94,7 @@ def warn_scale_change(pairs, cfg, stats: dict, train, max_fields: int = 8, ratio
     below ``ratio`` of what the base model was trained on (its ``residual_std``), in the base's normalised units: a
     region at another scale (1.5 km fine-tuning a 140 km model) then trains far better with the statistics
     re-estimated (benchmarks/results/native_grids.md: 0.224 -> 0.133 K, bicubic 0.206). Returns the variables."""
+    from dpdm_diffusers.data import regrid
     from dpdm_diffusers.grids import grid_dims
 
     low = pairs.low_res.sel(**train) if train else pairs.low_res
@@ -103,8 +104,6 @@ def warn_scale_change(pairs, cfg, stats: dict, train, max_fields: int = 8, ratio
     if others:
         high = high.stack(_s=others).isel(_s=slice(0, max_fields)).unstack("_s")
         low = low.stack(_s=others).isel(_s=slice(0, max_fields)).unstack("_s")
-    from dpdm_diffusers.data import regrid
-
     lerp = regrid(low, pairs.grid, method=cfg.interpolation or "bilinear")
     small = []
     for v, t, std, res in zip(stats["variables"], stats["transforms"], stats["norm_std"], stats["residual_std"]):
